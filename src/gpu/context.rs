@@ -1,0 +1,481 @@
+//! Instance, adapter and device selection, and the pending-command recorder.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use super::pipeline::{PipelineCache, Shader};
+use super::pool::BufferPool;
+
+/// Which graphics API to run on (`--backend`, or `WGPU_BACKEND`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl BackendChoice {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            BackendChoice::Vulkan => wgpu::Backends::VULKAN,
+            BackendChoice::Metal => wgpu::Backends::METAL,
+            BackendChoice::Dx12 => wgpu::Backends::DX12,
+            BackendChoice::Gl => wgpu::Backends::GL,
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "vulkan" | "vk" => Ok(BackendChoice::Vulkan),
+            "metal" | "mtl" => Ok(BackendChoice::Metal),
+            "dx12" | "d3d12" => Ok(BackendChoice::Dx12),
+            "gl" | "gles" | "opengl" => Ok(BackendChoice::Gl),
+            other => bail!("unknown backend {other:?} (expected vulkan, metal, dx12 or gl)"),
+        }
+    }
+}
+
+/// How to pick the adapter. Command-line flags override the environment.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub backend: Option<BackendChoice>,
+    /// Case-insensitive substring of the adapter name.
+    pub adapter: Option<String>,
+}
+
+impl GpuOptions {
+    /// `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`, as wgpu's own examples read them.
+    pub fn from_env() -> Self {
+        let backend = std::env::var("WGPU_BACKEND")
+            .ok()
+            .and_then(|s| BackendChoice::parse(&s).ok());
+        let adapter = std::env::var("WGPU_ADAPTER_NAME")
+            .ok()
+            .filter(|s| !s.is_empty());
+        GpuOptions { backend, adapter }
+    }
+
+    /// Flags given on the command line win over the environment.
+    pub fn with_overrides(
+        mut self,
+        backend: Option<BackendChoice>,
+        adapter: Option<String>,
+    ) -> Self {
+        if backend.is_some() {
+            self.backend = backend;
+        }
+        if adapter.is_some() {
+            self.adapter = adapter;
+        }
+        self
+    }
+
+    fn backends(&self) -> wgpu::Backends {
+        match self.backend {
+            Some(b) => b.backends(),
+            None => wgpu::Backends::all(),
+        }
+    }
+}
+
+/// What `wgpu-mlkd devices` prints for one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub max_buffer_size: u64,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_compute_workgroup_storage_size: u32,
+    pub max_compute_invocations_per_workgroup: u32,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+impl AdapterSummary {
+    fn of(adapter: &wgpu::Adapter) -> Self {
+        let info = adapter.get_info();
+        let l = adapter.limits();
+        AdapterSummary {
+            name: info.name,
+            backend: format!("{:?}", info.backend).to_lowercase(),
+            device_type: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
+            max_buffer_size: l.max_buffer_size,
+            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+            max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
+            max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        }
+    }
+}
+
+impl fmt::Display for AdapterSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: u64 = 1 << 20;
+        write!(
+            f,
+            "{} ({}, {}{})\n  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, \
+             {} invocations per workgroup, {} workgroups per dimension",
+            self.name,
+            self.backend,
+            self.device_type,
+            if self.driver.is_empty() { String::new() } else { format!(", {}", self.driver) },
+            self.max_buffer_size / MIB,
+            self.max_storage_buffer_binding_size / MIB,
+            self.max_compute_workgroup_storage_size / 1024,
+            self.max_compute_invocations_per_workgroup,
+            self.max_compute_workgroups_per_dimension,
+        )
+    }
+}
+
+const NO_ADAPTER_HELP: &str =
+    "no GPU adapter found. wgpu-mlkd needs Vulkan, Metal, DX12 or OpenGL. \
+On Linux without a GPU install Mesa's software Vulkan driver (Debian/Ubuntu: `apt-get install \
+mesa-vulkan-drivers libvulkan1`) and run with WGPU_BACKEND=vulkan";
+
+/// One GPU device, cheap to clone (a handle). Created once per process.
+#[derive(Clone)]
+pub struct Gpu {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) summary: AdapterSummary,
+    pub(crate) limits: wgpu::Limits,
+    pub(crate) pipelines: PipelineCache,
+    pub(crate) pool: Arc<BufferPool>,
+    pending: Mutex<Vec<Command>>,
+    /// First validation/out-of-memory error the device reported outside an error scope, or a device loss.
+    device_error: Arc<Mutex<Option<String>>>,
+}
+
+/// A recorded GPU command, encoded at the next flush.
+pub(crate) enum Command {
+    Dispatch {
+        pipeline: wgpu::ComputePipeline,
+        label: &'static str,
+        /// Storage buffers for bindings 1..=n (binding 0 is the uniform parameter block).
+        buffers: Vec<wgpu::Buffer>,
+        params: Vec<u32>,
+        groups: [u32; 3],
+    },
+    Copy {
+        src: wgpu::Buffer,
+        src_offset: u64,
+        dst: wgpu::Buffer,
+        dst_offset: u64,
+        size: u64,
+    },
+}
+
+impl Gpu {
+    /// Lists every adapter the selected backends expose.
+    pub fn adapters(options: &GpuOptions) -> Vec<AdapterSummary> {
+        let instance = make_instance(options);
+        pollster::block_on(instance.enumerate_adapters(options.backends()))
+            .iter()
+            .map(AdapterSummary::of)
+            .collect()
+    }
+
+    /// Picks an adapter (name filter first, then discrete > integrated > virtual > CPU) and opens a device
+    /// with the adapter's own limits instead of WebGPU's small defaults.
+    pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        let instance = make_instance(options);
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(options.backends()));
+        if adapters.is_empty() {
+            let which = options
+                .backend
+                .map(|b| format!(" for backend {b:?}"))
+                .unwrap_or_default();
+            bail!(
+                "{NO_ADAPTER_HELP}{}",
+                if which.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({which})")
+                }
+            );
+        }
+        if let Some(filter) = &options.adapter {
+            let needle = filter.to_lowercase();
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&needle));
+            if adapters.is_empty() {
+                bail!(
+                    "no adapter name contains {filter:?}; available: {}",
+                    names.join(", ")
+                );
+            }
+        }
+        adapters.sort_by_key(|a| match a.get_info().device_type {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Cpu => 3,
+            wgpu::DeviceType::Other => 4,
+        });
+        let adapter = adapters.swap_remove(0);
+        let summary = AdapterSummary::of(&adapter);
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgpu-mlkd"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .with_context(|| format!("could not open a device on adapter {}", summary.name))?;
+
+        let device_error = Arc::new(Mutex::new(None::<String>));
+        {
+            let slot = device_error.clone();
+            device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+                if s.is_none() {
+                    *s = Some(e.to_string());
+                }
+            }));
+            let slot = device_error.clone();
+            device.set_device_lost_callback(move |reason, msg| {
+                if reason != wgpu::DeviceLostReason::Destroyed {
+                    let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+                    s.get_or_insert_with(|| format!("GPU device lost ({reason:?}): {msg}"));
+                }
+            });
+        }
+        let pool = Arc::new(BufferPool::new(device.clone(), limits.clone()));
+        Ok(Gpu {
+            inner: Arc::new(Inner {
+                pipelines: PipelineCache::new(device.clone()),
+                device,
+                queue,
+                summary,
+                limits,
+                pool,
+                pending: Mutex::new(Vec::new()),
+                device_error,
+            }),
+        })
+    }
+
+    pub fn adapter(&self) -> &AdapterSummary {
+        &self.inner.summary
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.inner.limits
+    }
+
+    /// Largest buffer one kernel may bind, in bytes.
+    pub fn max_binding_bytes(&self) -> u64 {
+        (self.inner.limits.max_storage_buffer_binding_size as u64)
+            .min(self.inner.limits.max_buffer_size)
+    }
+
+    /// Bytes currently allocated by the buffer pool, and the peak since the last [`Gpu::reset_peak`].
+    pub fn memory(&self) -> (u64, u64) {
+        self.inner.pool.usage()
+    }
+
+    pub fn reset_peak(&self) {
+        self.inner.pool.reset_peak()
+    }
+
+    /// Records one compute dispatch. `buffers` go to bindings 1..=n in order; `params` (u32 words, f32 as
+    /// bits) become the uniform block at binding 0. The grid is folded into 2-D when it exceeds 65535.
+    pub fn dispatch(
+        &self,
+        shader: &'static Shader,
+        entry: &'static str,
+        buffers: &[&wgpu::Buffer],
+        params: &[u32],
+        groups: u32,
+    ) -> Result<()> {
+        self.dispatch_with(shader, entry, &[], buffers, params, groups)
+    }
+
+    /// As [`Gpu::dispatch`], with pipeline-overridable constants (part of the pipeline cache key).
+    pub fn dispatch_with(
+        &self,
+        shader: &'static Shader,
+        entry: &'static str,
+        constants: &[(&'static str, f64)],
+        buffers: &[&wgpu::Buffer],
+        params: &[u32],
+        groups: u32,
+    ) -> Result<()> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let folded = super::fold_grid(groups);
+        let max = self.inner.limits.max_compute_workgroups_per_dimension;
+        if folded[0] > max || folded[1] > max {
+            bail!("{}::{entry}: grid of {groups} workgroups exceeds the adapter's {max} per dimension", shader.name);
+        }
+        let pipeline = self.inner.pipelines.get(shader, entry, constants)?;
+        self.record(Command::Dispatch {
+            pipeline,
+            label: entry,
+            buffers: buffers.iter().map(|b| (*b).clone()).collect(),
+            params: params.to_vec(),
+            groups: folded,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn record(&self, cmd: Command) {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cmd);
+    }
+
+    /// Encodes every pending command into one command encoder and submits it. Does not wait.
+    pub fn flush(&self) -> Result<()> {
+        // The lock is held through the submission so that concurrent flushes reach the queue in the order
+        // their commands were recorded.
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.is_empty() {
+            self.encode_and_submit(std::mem::take(&mut *pending));
+        }
+        drop(pending);
+        self.check_device_error()
+    }
+
+    /// Flushes and blocks until the GPU is idle.
+    pub fn sync(&self) -> Result<()> {
+        self.flush()?;
+        self.inner
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU failed: {e}"))?;
+        self.check_device_error()
+    }
+
+    fn check_device_error(&self) -> Result<()> {
+        if let Some(e) = self
+            .inner
+            .device_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            bail!("GPU error: {e}");
+        }
+        Ok(())
+    }
+
+    fn encode_and_submit(&self, cmds: Vec<Command>) {
+        let device = &self.inner.device;
+        // All parameter blocks of this submission live in one uniform buffer, one aligned slot each.
+        let align = self
+            .inner
+            .limits
+            .min_uniform_buffer_offset_alignment
+            .max(16) as usize;
+        let n_dispatch = cmds
+            .iter()
+            .filter(|c| matches!(c, Command::Dispatch { .. }))
+            .count();
+        let mut slots = Vec::with_capacity(n_dispatch);
+        let mut bytes: Vec<u8> = Vec::new();
+        for c in &cmds {
+            if let Command::Dispatch { params, .. } = c {
+                let start = bytes.len();
+                // A uniform binding's size is a multiple of 16 bytes (WGSL struct alignment).
+                let size = (params.len() * 4).max(16).div_ceil(16) * 16;
+                slots.push((start as u64, size as u64));
+                bytes.extend_from_slice(bytemuck::cast_slice(params));
+                bytes.resize(start + size.div_ceil(align) * align, 0);
+            }
+        }
+        let uniforms = (n_dispatch > 0).then(|| {
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: bytes.len().max(align) as u64,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.inner.queue.write_buffer(&buf, 0, &bytes);
+            buf
+        });
+
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("step"),
+        });
+        let mut slot = slots.into_iter();
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        for cmd in cmds {
+            match cmd {
+                Command::Dispatch {
+                    pipeline,
+                    label,
+                    buffers,
+                    groups,
+                    ..
+                } => {
+                    let (offset, size) = slot.next().expect("one slot per dispatch");
+                    let mut entries = Vec::with_capacity(buffers.len() + 1);
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: uniforms.as_ref().expect("uniform buffer"),
+                            offset,
+                            size: std::num::NonZeroU64::new(size),
+                        }),
+                    });
+                    for (i, b) in buffers.iter().enumerate() {
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32 + 1,
+                            resource: b.as_entire_binding(),
+                        });
+                    }
+                    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(label),
+                        layout: &pipeline.get_bind_group_layout(0),
+                        entries: &entries,
+                    });
+                    let p = pass.get_or_insert_with(|| {
+                        encoder
+                            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                label: None,
+                                timestamp_writes: None,
+                            })
+                            .forget_lifetime()
+                    });
+                    p.set_pipeline(&pipeline);
+                    p.set_bind_group(0, &bind_group, &[]);
+                    p.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
+                Command::Copy {
+                    src,
+                    src_offset,
+                    dst,
+                    dst_offset,
+                    size,
+                } => {
+                    drop(pass.take());
+                    encoder.copy_buffer_to_buffer(&src, src_offset, &dst, dst_offset, size);
+                }
+            }
+        }
+        drop(pass);
+        self.inner.queue.submit([encoder.finish()]);
+    }
+}
+
+fn make_instance(options: &GpuOptions) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = options.backends();
+    wgpu::Instance::new(desc)
+}

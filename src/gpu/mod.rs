@@ -1,0 +1,58 @@
+//! The only code that talks to wgpu: device selection, buffer pool, pipeline cache, command recording and
+//! the GPU tensor type. Everything above this module (ops, models) records kernels through [`Gpu::dispatch`]
+//! and never sees a wgpu object.
+//!
+//! Execution model: every op *records* its dispatches into one pending command list; nothing reaches the GPU
+//! until a readback (`Tensor::to_vec`) or an explicit [`Gpu::flush`]. A whole model forward is therefore one
+//! command encoder and one submission. Host-to-GPU uploads are recorded too (as copies from a staging
+//! buffer), so a pooled buffer that is freed and reused while commands are pending is always written in
+//! program order.
+
+mod context;
+mod pipeline;
+mod pool;
+mod tensor;
+
+pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions};
+pub use pipeline::Shader;
+pub use tensor::{DType, Tensor};
+
+/// Largest workgroup count per grid dimension that every WebGPU implementation accepts.
+pub const MAX_GROUPS_PER_DIM: u32 = 65535;
+
+/// Folds a 1-D grid of `groups` workgroups into at most two dimensions of <= 65535 each.
+/// Kernels recover the linear id as `wg.x + wg.y * num_wg.x` and bounds-check it.
+pub fn fold_grid(groups: u32) -> [u32; 3] {
+    if groups <= MAX_GROUPS_PER_DIM {
+        return [groups.max(1), 1, 1];
+    }
+    let y = groups.div_ceil(MAX_GROUPS_PER_DIM);
+    let x = groups.div_ceil(y);
+    [x, y, 1]
+}
+
+/// The shared GPU of the test suite: created once per test process (lavapipe takes a while to start).
+#[cfg(test)]
+pub fn test_gpu() -> &'static Gpu {
+    use std::sync::OnceLock;
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::new(&GpuOptions::from_env()).expect("tests need a GPU adapter (see README)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fold_grid_covers_every_group_within_limits() {
+        for n in [0u32, 1, 65535, 65536, 131071, 1 << 22, 4_000_000_000] {
+            let [x, y, z] = fold_grid(n);
+            assert!(x <= MAX_GROUPS_PER_DIM && y <= MAX_GROUPS_PER_DIM && z == 1);
+            assert!(x as u64 * y as u64 >= n as u64, "{n} -> {x}x{y}");
+            // No needless extra row: the grid is at most one row larger than needed.
+            assert!((x as u64) * (y as u64 - 1) < n.max(1) as u64);
+        }
+    }
+}

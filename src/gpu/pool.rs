@@ -1,0 +1,131 @@
+//! A buffer pool that reuses storage buffers by size class.
+//!
+//! Size classes are the next of four steps per power of two (at most 25% waste). A buffer returns to the
+//! pool when its last tensor drops; it may be handed out again while earlier commands that use it are still
+//! pending, which is safe because every write to it (kernels and uploads alike) is recorded in program order.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{bail, Result};
+
+pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+pub(crate) struct BufferPool {
+    device: wgpu::Device,
+    limits: wgpu::Limits,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Bytes of every buffer the pool has created and still holds (in use or free).
+    allocated: u64,
+    /// Bytes handed out to live tensors.
+    in_use: u64,
+    peak_in_use: u64,
+}
+
+/// Rounds a request up to its size class: 4 classes per power of two, at least 256 bytes.
+pub(crate) fn size_class(bytes: u64) -> u64 {
+    let bytes = bytes.max(256);
+    let pow = 63 - (bytes - 1).leading_zeros().min(63) as u64; // floor(log2(bytes - 1))
+    let step = (1u64 << pow) / 4;
+    bytes.div_ceil(step.max(1)) * step.max(1)
+}
+
+impl BufferPool {
+    pub(crate) fn new(device: wgpu::Device, limits: wgpu::Limits) -> Self {
+        BufferPool {
+            device,
+            limits,
+            state: Mutex::default(),
+        }
+    }
+
+    /// A storage buffer of at least `bytes` bytes. Errors (never panics) when the size is beyond the device.
+    pub(crate) fn acquire(&self, bytes: u64) -> Result<(wgpu::Buffer, u64)> {
+        let max_binding =
+            (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size);
+        if bytes > max_binding {
+            bail!(
+                "a tensor of {bytes} bytes ({:.1} MiB) exceeds this GPU's largest storage binding of {max_binding} \
+                 bytes ({:.1} MiB); the work must be split",
+                bytes as f64 / 1048576.0,
+                max_binding as f64 / 1048576.0
+            );
+        }
+        let class = size_class(bytes).min(max_binding.max(bytes.div_ceil(4) * 4));
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let buffer = match st.free.get_mut(&class).and_then(|v| v.pop()) {
+            Some(b) => b,
+            None => {
+                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: class,
+                    usage: STORAGE_USAGE,
+                    mapped_at_creation: false,
+                });
+                if let Some(e) = pollster::block_on(scope.pop()) {
+                    // Free cached buffers and try once more before giving up.
+                    let cached: u64 = st.free.values().flatten().map(|b| b.size()).sum();
+                    st.free.clear();
+                    st.allocated -= cached;
+                    drop(st);
+                    if cached == 0 {
+                        bail!("GPU out of memory allocating {class} bytes: {e}");
+                    }
+                    return self.acquire(bytes);
+                }
+                st.allocated += class;
+                b
+            }
+        };
+        st.in_use += class;
+        st.peak_in_use = st.peak_in_use.max(st.in_use);
+        Ok((buffer, class))
+    }
+
+    pub(crate) fn release(&self, buffer: wgpu::Buffer, class: u64) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.in_use -= class;
+        st.free.entry(class).or_default().push(buffer);
+    }
+
+    /// (bytes in use by live tensors, peak of that since the last reset).
+    pub(crate) fn usage(&self) -> (u64, u64) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.in_use, st.peak_in_use)
+    }
+
+    pub(crate) fn reset_peak(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.peak_in_use = st.in_use;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_bound_waste_and_never_shrink() {
+        let mut prev = 0;
+        for bytes in (1..5000u64).chain([1 << 20, (1 << 20) + 1, 3 << 20, 100_000_007]) {
+            let c = size_class(bytes);
+            assert!(c >= bytes && c % 4 == 0, "{bytes} -> {c}");
+            assert!(
+                c as f64 <= (bytes.max(256) as f64) * 1.25 + 1.0,
+                "{bytes} -> {c}"
+            );
+            assert!(c >= prev);
+            prev = c;
+        }
+        assert_eq!(size_class(1024), 1024);
+        assert_eq!(size_class(1025), 1280);
+    }
+}
