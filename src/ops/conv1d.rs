@@ -1,1 +1,505 @@
-//! (in progress)
+//! Channels-last 1-D convolution (`shaders/conv1d.wgsl`), as wav2vec 2.0 uses it: the feature-encoder convs
+//! (C_in = 1, K = 10, stride 5; then 512 -> 512, K = 3 or 2, stride 2) and the grouped positional conv
+//! (C = 768, K = 128, groups = 16, padding 64).
+//!
+//! `x` is `[B, T, C_in]`, the weight is torch's `[C_out, C_in / groups, K]`, the output `[B, T_out, C_out]`
+//! with `T_out = (T + 2 * padding - K) / stride + 1` (zero padding on both sides). The kernel is an implicit
+//! GEMM (no im2col buffer) over a weight repacked to `[groups, K, C_in / groups, C_out / groups]` (channel
+//! blocks padded to 4); [`Conv1dWeight::pack`] does that once, [`conv1d`] does it on every call.
+
+use anyhow::{bail, ensure, Result};
+
+use crate::gpu::{DType, Shader, Tensor};
+
+static SHADER: Shader = crate::shader!("conv1d");
+
+/// Output frames and channel blocks per invocation (a 4 x 4 register block).
+const BLOCK: usize = 4;
+/// Invocations per workgroup along channel blocks and frame blocks (`@workgroup_size(16, 4)`).
+const WG_CB: usize = 16;
+const WG_FB: usize = 4;
+
+/// A conv weight in the kernel's layout `[groups, K, C_in / groups, C_out / groups rounded up to 4]`.
+#[derive(Clone, Debug)]
+pub struct Conv1dWeight {
+    packed: Tensor,
+    c_out: usize,
+    cg_in: usize,
+    k: usize,
+    groups: usize,
+}
+
+impl Conv1dWeight {
+    /// Repacks a torch-layout weight `[C_out, C_in / groups, K]` (recorded on the GPU, no readback).
+    pub fn pack(w: &Tensor, groups: usize) -> Result<Conv1dWeight> {
+        let &[c_out, cg_in, k] = w.shape() else {
+            bail!(
+                "conv1d: weight must be [C_out, C_in/groups, K], got {:?}",
+                w.shape()
+            );
+        };
+        ensure!(
+            w.dtype() == DType::F32,
+            "conv1d: weight must be f32, got {:?}",
+            w.dtype()
+        );
+        ensure!(groups > 0, "conv1d: groups must be at least 1");
+        ensure!(
+            c_out > 0 && cg_in > 0 && k > 0,
+            "conv1d: empty weight {:?}",
+            w.shape()
+        );
+        ensure!(
+            c_out % groups == 0,
+            "conv1d: C_out = {c_out} is not divisible by groups = {groups}"
+        );
+        let cg_out = c_out / groups;
+        let cg_out_pad = cg_out.div_ceil(BLOCK) * BLOCK;
+        let n = groups * k * cg_in * cg_out_pad;
+        let packed = Tensor::empty(w.gpu(), &[groups, k, cg_in, cg_out_pad], DType::F32)?;
+        w.gpu().dispatch(
+            &SHADER,
+            "pack_weight",
+            &[w.buffer(), packed.buffer()],
+            &[
+                n as u32,
+                k as u32,
+                cg_in as u32,
+                cg_out as u32,
+                cg_out_pad as u32,
+            ],
+            n.div_ceil(256) as u32,
+        )?;
+        Ok(Conv1dWeight {
+            packed,
+            c_out,
+            cg_in,
+            k,
+            groups,
+        })
+    }
+
+    pub fn c_out(&self) -> usize {
+        self.c_out
+    }
+
+    pub fn c_in(&self) -> usize {
+        self.cg_in * self.groups
+    }
+
+    pub fn kernel_size(&self) -> usize {
+        self.k
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+}
+
+/// `T_out = (T + 2 * padding - K) / stride + 1`, or an error when the padded input is shorter than the kernel.
+pub fn conv1d_output_len(t: usize, k: usize, stride: usize, padding: usize) -> Result<usize> {
+    ensure!(stride > 0, "conv1d: stride must be at least 1");
+    let padded = t + 2 * padding;
+    ensure!(
+        padded >= k,
+        "conv1d: input of {t} frames (+ 2 x {padding} padding = {padded}) is shorter than the kernel size {k}"
+    );
+    Ok((padded - k) / stride + 1)
+}
+
+/// y = conv1d(x, w) + bias. `x` `[B, T, C_in]`, `w` `[C_out, C_in / groups, K]`, `bias` `[C_out]`.
+pub fn conv1d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    conv1d_packed(
+        x,
+        &Conv1dWeight::pack(w, groups)?,
+        bias,
+        stride,
+        padding,
+        false,
+    )
+}
+
+/// y = gelu(conv1d(x, w) + bias) with exact (erf) GELU, fused into the same kernel.
+pub fn conv1d_gelu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    conv1d_packed(
+        x,
+        &Conv1dWeight::pack(w, groups)?,
+        bias,
+        stride,
+        padding,
+        true,
+    )
+}
+
+/// The convolution with an already packed weight; `gelu` applies exact GELU to the output.
+pub fn conv1d_packed(
+    x: &Tensor,
+    w: &Conv1dWeight,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    gelu: bool,
+) -> Result<Tensor> {
+    let &[batch, t, c_in] = x.shape() else {
+        bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
+    };
+    ensure!(
+        x.dtype() == DType::F32,
+        "conv1d: input must be f32, got {:?}",
+        x.dtype()
+    );
+    ensure!(
+        c_in == w.c_in(),
+        "conv1d: input has {c_in} channels but the weight expects {} ({} groups x {})",
+        w.c_in(),
+        w.groups,
+        w.cg_in
+    );
+    if let Some(b) = bias {
+        ensure!(
+            b.shape() == [w.c_out] && b.dtype() == DType::F32,
+            "conv1d: bias must be f32 [{}], got {:?} {:?}",
+            w.c_out,
+            b.shape(),
+            b.dtype()
+        );
+    }
+    let t_out = conv1d_output_len(t, w.k, stride, padding)?;
+    let y = Tensor::empty(x.gpu(), &[batch, t_out, w.c_out], DType::F32)?;
+    ensure!(
+        x.numel() < u32::MAX as usize && y.numel() < u32::MAX as usize,
+        "conv1d: tensors beyond 2^32 elements need 64-bit indexing; split the input in time"
+    );
+    if batch == 0 {
+        return Ok(y);
+    }
+    let cg_out = w.c_out / w.groups;
+    let cb_per_group = cg_out.div_ceil(BLOCK);
+    let n_cb = w.groups * cb_per_group;
+    let fb_per_batch = t_out.div_ceil(BLOCK);
+    let n_wg_cb = n_cb.div_ceil(WG_CB);
+    let n_wg_fb = (batch * fb_per_batch).div_ceil(WG_FB);
+    let params = [
+        batch,
+        t,
+        c_in,
+        t_out,
+        w.c_out,
+        w.k,
+        stride,
+        padding,
+        w.cg_in,
+        cg_out,
+        cb_per_group,
+        n_cb,
+        fb_per_batch,
+        n_wg_cb,
+        bias.is_some() as usize,
+        gelu as usize,
+    ]
+    .map(|v| v as u32);
+    // Without a bias the binding still needs a buffer; the kernel never reads it.
+    let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
+    x.gpu().dispatch(
+        &SHADER,
+        "conv1d_forward",
+        &[x.buffer(), w.packed.buffer(), bias_buf, y.buffer()],
+        &params,
+        (n_wg_cb * n_wg_fb) as u32,
+    )?;
+    Ok(y)
+}
+
+/// CPU references, f64 accumulation.
+pub mod reference {
+    use crate::ops::elementwise::reference::gelu_f64;
+
+    /// `x` `[b, t, c_in]`, `w` `[c_out, c_in / groups, k]`, output `[b, t_out, c_out]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d(
+        x: &[f32],
+        [b, t, c_in]: [usize; 3],
+        w: &[f32],
+        [c_out, cg_in, k]: [usize; 3],
+        bias: Option<&[f32]>,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+        gelu: bool,
+    ) -> Vec<f64> {
+        assert_eq!(cg_in * groups, c_in);
+        let cg_out = c_out / groups;
+        let t_out = (t + 2 * padding - k) / stride + 1;
+        let mut y = vec![0f64; b * t_out * c_out];
+        for bi in 0..b {
+            for to in 0..t_out {
+                for co in 0..c_out {
+                    let g = co / cg_out;
+                    let mut acc = bias.map_or(0.0, |bb| bb[co] as f64);
+                    for kk in 0..k {
+                        let tin = (to * stride + kk) as isize - padding as isize;
+                        if tin < 0 || tin >= t as isize {
+                            continue;
+                        }
+                        let xrow = (bi * t + tin as usize) * c_in + g * cg_in;
+                        for ci in 0..cg_in {
+                            acc += x[xrow + ci] as f64 * w[(co * cg_in + ci) * k + kk] as f64;
+                        }
+                    }
+                    y[(bi * t_out + to) * c_out + co] = if gelu { gelu_f64(acc) } else { acc };
+                }
+            }
+        }
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_gpu;
+    use crate::ops::testing::{assert_close, random_vec, Tol};
+
+    #[test]
+    fn hand_checked_strided_padded_case() {
+        // x = [1 2 3 4 5], padded [0 1 2 3 4 5 0], w = [1 2], stride 2, bias 0.5:
+        // windows (0,1) (2,3) (4,5) -> 2, 8, 14 -> 2.5, 8.5, 14.5.
+        let gpu = test_gpu();
+        let x = Tensor::from_slice(gpu, &[1., 2., 3., 4., 5.], &[1, 5, 1]).unwrap();
+        let w = Tensor::from_slice(gpu, &[1., 2.], &[1, 1, 2]).unwrap();
+        let b = Tensor::from_slice(gpu, &[0.5], &[1]).unwrap();
+        let y = conv1d(&x, &w, Some(&b), 2, 1, 1).unwrap();
+        assert_eq!(y.shape(), [1, 3, 1]);
+        assert_eq!(y.to_vec().unwrap(), [2.5, 8.5, 14.5]);
+    }
+
+    #[test]
+    fn hand_checked_grouped_case() {
+        // Two groups of one channel each: channel 0 sums neighbours, channel 1 differences them.
+        let gpu = test_gpu();
+        let x = Tensor::from_slice(gpu, &[1., 10., 2., 20., 4., 40.], &[1, 3, 2]).unwrap();
+        let w = Tensor::from_slice(gpu, &[1., 1., -1., 1.], &[2, 1, 2]).unwrap();
+        let y = conv1d(&x, &w, None, 1, 0, 2).unwrap();
+        assert_eq!(y.shape(), [1, 2, 2]);
+        assert_eq!(y.to_vec().unwrap(), [3., 10., 6., 20.]);
+    }
+
+    /// (B, T, C_in, C_out, K, stride, padding, groups, bias, gelu)
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        bool,
+    );
+
+    fn check(name: &str, seed: u64, case: Case, tol: Tol) {
+        let (b, t, c_in, c_out, k, stride, padding, groups, with_bias, gelu) = case;
+        let gpu = test_gpu();
+        let cg_in = c_in / groups;
+        let xv = random_vec(seed, b * t * c_in, 1.0);
+        let wv = random_vec(
+            seed + 1,
+            c_out * cg_in * k,
+            1.0 / ((cg_in * k) as f32).sqrt(),
+        );
+        let bv = random_vec(seed + 2, c_out, 0.5);
+        let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+        let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
+        let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
+        let bias = with_bias.then_some(&bias);
+        let y = if gelu {
+            conv1d_gelu(&x, &w, bias, stride, padding, groups)
+        } else {
+            conv1d(&x, &w, bias, stride, padding, groups)
+        }
+        .unwrap();
+        let want = reference::conv1d(
+            &xv,
+            [b, t, c_in],
+            &wv,
+            [c_out, cg_in, k],
+            with_bias.then_some(&bv[..]),
+            stride,
+            padding,
+            groups,
+            gelu,
+        );
+        let t_out = (t + 2 * padding - k) / stride + 1;
+        assert_eq!(y.shape(), [b, t_out, c_out], "{name}");
+        assert_close(name, &y.to_vec().unwrap(), &want, tol);
+    }
+
+    #[test]
+    fn random_shapes_match_reference() {
+        let cases: [(&str, Case); 10] = [
+            // Feature-encoder layer 0 in miniature: C_in = 1, K = 10, stride 5.
+            ("layer0-like", (1, 203, 1, 13, 10, 5, 0, 1, false, true)),
+            ("layer0-like b2", (2, 97, 1, 8, 10, 5, 0, 1, true, false)),
+            ("stride2 k3", (2, 61, 12, 12, 3, 2, 0, 1, true, false)),
+            ("stride2 k2 gelu", (1, 50, 20, 28, 2, 2, 0, 1, false, true)),
+            ("grouped k4 pad", (2, 45, 12, 12, 4, 1, 2, 3, true, true)),
+            ("grouped cg_out 3", (1, 37, 12, 9, 5, 1, 2, 3, false, false)),
+            ("odd channels", (2, 9, 5, 7, 3, 1, 1, 1, true, false)),
+            // Kernel longer than the input, made valid by padding.
+            ("k > t", (1, 3, 4, 6, 7, 1, 3, 1, true, true)),
+            ("stride5 pad", (2, 31, 3, 5, 4, 5, 3, 1, false, false)),
+            // Positional conv in miniature: 16 groups, K even, padding K/2.
+            ("pos-conv-like", (1, 33, 48, 48, 16, 1, 8, 16, true, true)),
+        ];
+        for (i, (name, case)) in cases.into_iter().enumerate() {
+            check(name, 100 + 10 * i as u64, case, Tol::KERNEL);
+        }
+    }
+
+    #[test]
+    fn long_reductions_match_reference() {
+        // 512 x 3 = 1536 terms per output (feature-encoder layers 1-4) and 6 x 128 = 768 (positional conv
+        // shape with fewer channels). Weights are scaled by 1/sqrt(terms), so outputs are O(1) and
+        // f32 rounding grows like sqrt(terms) * 2^-24 ~ 2e-6; KERNEL holds.
+        check(
+            "c512 k3 s2",
+            7,
+            (1, 23, 512, 20, 3, 2, 0, 1, false, true),
+            Tol::KERNEL,
+        );
+        check(
+            "pos k128 g16",
+            8,
+            (1, 70, 96, 96, 128, 1, 64, 16, true, true),
+            Tol::KERNEL,
+        );
+    }
+
+    #[test]
+    fn packed_weight_is_reusable() {
+        let gpu = test_gpu();
+        let wv = random_vec(5, 6 * 2 * 3, 0.5);
+        let w = Tensor::from_slice(gpu, &wv, &[6, 2, 3]).unwrap();
+        let packed = Conv1dWeight::pack(&w, 2).unwrap();
+        assert_eq!(
+            (
+                packed.c_out(),
+                packed.c_in(),
+                packed.kernel_size(),
+                packed.groups()
+            ),
+            (6, 4, 3, 2)
+        );
+        for (seed, t) in [(11u64, 8usize), (12, 19)] {
+            let xv = random_vec(seed, 2 * t * 4, 1.0);
+            let x = Tensor::from_slice(gpu, &xv, &[2, t, 4]).unwrap();
+            let y = conv1d_packed(&x, &packed, None, 1, 1, false).unwrap();
+            let want = reference::conv1d(&xv, [2, t, 4], &wv, [6, 2, 3], None, 1, 1, 2, false);
+            assert_close("packed reuse", &y.to_vec().unwrap(), &want, Tol::KERNEL);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_clear_errors() {
+        let gpu = test_gpu();
+        let x = Tensor::zeros(gpu, &[1, 4, 6]).unwrap();
+        let w = Tensor::zeros(gpu, &[4, 3, 3]).unwrap();
+        let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+        assert!(err(conv1d(&x, &w, None, 1, 0, 1)).contains("channels"));
+        assert!(err(conv1d(&x, &w, None, 0, 0, 2)).contains("stride"));
+        assert!(err(conv1d(&x, &w, None, 1, 0, 3)).contains("divisible"));
+        let long = Tensor::zeros(gpu, &[4, 3, 9]).unwrap();
+        let e = err(conv1d(&x, &long, None, 1, 2, 2));
+        assert!(e.contains("shorter than the kernel"), "{e}");
+        let b = Tensor::zeros(gpu, &[5]).unwrap();
+        assert!(err(conv1d(&x, &w, Some(&b), 1, 0, 2)).contains("bias"));
+        let flat = Tensor::zeros(gpu, &[24]).unwrap();
+        assert!(err(conv1d(&flat, &w, None, 1, 0, 2)).contains("[B, T, C_in]"));
+        assert!(err(conv1d(&x, &flat, None, 1, 0, 2)).contains("[C_out, C_in/groups, K]"));
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::gpu::test_gpu;
+    use crate::ops::testing::random_vec;
+
+    /// User + system CPU time of this process (lavapipe's threads included), from /proc/self/stat.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+        });
+        ticks / 100.0
+    }
+
+    /// wav2vec2-base shapes for 1 s of audio. `cargo test --release --lib conv1d_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv1d_timing() {
+        let gpu = test_gpu();
+        let cases = [
+            (
+                "layer0 T=16000",
+                16000usize,
+                1usize,
+                512usize,
+                10usize,
+                5usize,
+                0usize,
+                1usize,
+            ),
+            ("layer1 T=3199", 3199, 512, 512, 3, 2, 0, 1),
+            ("layer6 T=99", 99, 512, 512, 2, 2, 0, 1),
+            ("pos conv T=49", 49, 768, 768, 128, 1, 64, 16),
+        ];
+        for (name, t, c_in, c_out, k, s, p, g) in cases {
+            let x = Tensor::from_slice(gpu, &random_vec(1, t * c_in, 1.0), &[1, t, c_in]).unwrap();
+            let w = Tensor::from_slice(
+                gpu,
+                &random_vec(2, c_out * c_in / g * k, 0.1),
+                &[c_out, c_in / g, k],
+            )
+            .unwrap();
+            let wp = Conv1dWeight::pack(&w, g).unwrap();
+            conv1d_packed(&x, &wp, None, s, p, true).unwrap();
+            gpu.sync().unwrap();
+            let n = 3;
+            let cpu0 = cpu_seconds();
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                conv1d_packed(&x, &wp, None, s, p, true).unwrap();
+            }
+            gpu.sync().unwrap();
+            let dt = start.elapsed().as_secs_f64() / n as f64;
+            let cpu = (cpu_seconds() - cpu0) / n as f64;
+            let t_out = (t + 2 * p - k) / s + 1;
+            let flops = 2.0 * (t_out * c_out * (c_in / g) * k) as f64;
+            eprintln!(
+                "{name}: {:.1} ms wall, {:.1} ms CPU, {:.2} GFLOP/s",
+                dt * 1e3,
+                cpu * 1e3,
+                flops / dt / 1e9
+            );
+        }
+    }
+}

@@ -1,1 +1,614 @@
-//! (in progress)
+//! Normalisations (`shaders/norm.wgsl`): LayerNorm over the channel dim, and wav2vec 2.0's
+//! `GroupNorm(num_groups = C, num_channels = C)` over time, both with torch semantics (biased variance,
+//! `y = (x - mean) / sqrt(var + eps) * gamma + beta`) and an optional fused exact GELU.
+//!
+//! Accuracy: means are taken of values shifted by one sample of the same row or channel, and variances are
+//! centred second passes (never `E[x^2] - E[x]^2`), so a large common offset costs no precision.
+//!
+//! Group norm over audio longer than one GPU buffer: split `x` in time chunks and
+//! 1. `channel_moments(chunk)` per chunk: `[B, 2, C]` = (mean, M2 = sum of squared deviations from the
+//!    chunk's mean) over the chunk's `T_i` frames;
+//! 2. combine them on the CPU in f64 with [`ChannelStats`] (Chan's parallel formula), then
+//!    [`ChannelStats::mean_rstd`] uploads `[B, 2, C]` = (mean, 1 / sqrt(var + eps));
+//! 3. `normalize_channels(chunk, &mean_rstd, gamma, beta, gelu)` per chunk.
+//!
+//! [`group_norm_time`] is the same pipeline on one tensor, on the GPU only:
+//! `channel_moments` -> [`moments_to_mean_rstd`] -> [`normalize_channels`].
+
+use anyhow::{bail, ensure, Result};
+
+use crate::gpu::{DType, Gpu, Shader, Tensor};
+
+static SHADER: Shader = crate::shader!("norm");
+
+/// Invocations per workgroup of the per-row / per-channel kernels (`LN_WG`, the moments kernels).
+const WG: usize = 64;
+/// Invocations per workgroup of `normalize_channels_forward`.
+const WG_ELEM: usize = 256;
+/// Frames per partial in `moments_partial`: long enough to amortise the combine, short enough that
+/// T = 32000 frames still gives hundreds of partials per channel to spread over the GPU.
+const CHUNK: usize = 128;
+
+fn check_f32(op: &str, what: &str, t: &Tensor) -> Result<()> {
+    ensure!(
+        t.dtype() == DType::F32,
+        "{op}: {what} must be f32, got {:?}",
+        t.dtype()
+    );
+    ensure!(
+        t.numel() < u32::MAX as usize,
+        "{op}: {what} {:?} is beyond 2^32 elements (32-bit indexing); split it",
+        t.shape()
+    );
+    Ok(())
+}
+
+fn check_affine(op: &str, c: usize, gamma: &Tensor, beta: &Tensor) -> Result<()> {
+    for (what, t) in [("gamma", gamma), ("beta", beta)] {
+        check_f32(op, what, t)?;
+        ensure!(
+            t.shape() == [c],
+            "{op}: {what} must be [{c}] (the channel count), got {:?}",
+            t.shape()
+        );
+    }
+    Ok(())
+}
+
+fn btc(op: &str, x: &Tensor) -> Result<[usize; 3]> {
+    let &[b, t, c] = x.shape() else {
+        bail!("{op}: input must be [B, T, C], got {:?}", x.shape());
+    };
+    check_f32(op, "input", x)?;
+    ensure!(
+        t > 0 && c > 0,
+        "{op}: input {:?} needs at least one frame and one channel",
+        x.shape()
+    );
+    Ok([b, t, c])
+}
+
+/// LayerNorm over the last dim of `x` `[.., C]` with `gamma`, `beta` `[C]`.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    layer_norm_impl(x, gamma, beta, eps, false)
+}
+
+/// gelu(LayerNorm(x)) in one kernel (wav2vec 2.0's "layer" feat_extract_norm: conv -> LayerNorm -> GELU).
+pub fn layer_norm_gelu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    layer_norm_impl(x, gamma, beta, eps, true)
+}
+
+fn layer_norm_impl(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    gelu: bool,
+) -> Result<Tensor> {
+    let Some(&c) = x.shape().last() else {
+        bail!("layer_norm: input must have at least one dim, got a scalar");
+    };
+    ensure!(
+        c > 0,
+        "layer_norm: cannot normalise over an empty last dim ({:?})",
+        x.shape()
+    );
+    check_f32("layer_norm", "input", x)?;
+    check_affine("layer_norm", c, gamma, beta)?;
+    let rows = x.numel() / c;
+    let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    x.gpu().dispatch(
+        &SHADER,
+        "layer_norm_forward",
+        &[x.buffer(), gamma.buffer(), beta.buffer(), y.buffer()],
+        &[rows as u32, c as u32, eps.to_bits(), gelu as u32],
+        rows as u32,
+    )?;
+    Ok(y)
+}
+
+/// Per-(batch, channel) moments of `x` `[B, T, C]` over its T frames: `[B, 2, C]` = (mean, M2), where M2 is
+/// the sum of squared deviations from the mean (variance = M2 / T). Combine moments of several time chunks
+/// with [`ChannelStats`].
+pub fn channel_moments(x: &Tensor) -> Result<Tensor> {
+    let [b, t, c] = btc("channel_moments", x)?;
+    let gpu = x.gpu();
+    let out = Tensor::empty(gpu, &[b, 2, c], DType::F32)?;
+    if b == 0 {
+        return Ok(out);
+    }
+    let n_chunks = t.div_ceil(CHUNK);
+    let n_wg_c = c.div_ceil(WG);
+    let part = Tensor::empty(gpu, &[b, n_chunks, 2, c], DType::F32)?;
+    let params = [b, t, c, CHUNK, n_chunks, n_wg_c].map(|v| v as u32);
+    gpu.dispatch(
+        &SHADER,
+        "moments_partial",
+        &[x.buffer(), part.buffer()],
+        &params,
+        (b * n_chunks * n_wg_c) as u32,
+    )?;
+    gpu.dispatch(
+        &SHADER,
+        "moments_combine",
+        &[x.buffer(), part.buffer(), out.buffer()],
+        &params,
+        (b * c).div_ceil(WG) as u32,
+    )?;
+    Ok(out)
+}
+
+/// `[B, 2, C]` (mean, M2) over `count` frames -> `[B, 2, C]` (mean, 1 / sqrt(M2 / count + eps)).
+pub fn moments_to_mean_rstd(moments: &Tensor, count: usize, eps: f32) -> Result<Tensor> {
+    let &[b, 2, c] = moments.shape() else {
+        bail!(
+            "moments_to_mean_rstd: moments must be [B, 2, C], got {:?}",
+            moments.shape()
+        );
+    };
+    check_f32("moments_to_mean_rstd", "moments", moments)?;
+    ensure!(
+        count > 0,
+        "moments_to_mean_rstd: moments of zero frames have no variance"
+    );
+    let out = Tensor::empty(moments.gpu(), &[b, 2, c], DType::F32)?;
+    moments.gpu().dispatch(
+        &SHADER,
+        "moments_finalize",
+        &[moments.buffer(), out.buffer()],
+        &[
+            (b * c) as u32,
+            c as u32,
+            (count as f32).to_bits(),
+            eps.to_bits(),
+        ],
+        (b * c).div_ceil(WG) as u32,
+    )?;
+    Ok(out)
+}
+
+/// y = (x - mean[b, c]) * rstd[b, c] * gamma[c] + beta[c] (then exact GELU if `gelu`), for `x` `[B, T, C]`
+/// and `mean_rstd` `[B, 2, C]` from [`moments_to_mean_rstd`] or [`ChannelStats::mean_rstd`].
+pub fn normalize_channels(
+    x: &Tensor,
+    mean_rstd: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    gelu: bool,
+) -> Result<Tensor> {
+    let [b, t, c] = btc("normalize_channels", x)?;
+    check_affine("normalize_channels", c, gamma, beta)?;
+    check_f32("normalize_channels", "mean_rstd", mean_rstd)?;
+    ensure!(
+        mean_rstd.shape() == [b, 2, c],
+        "normalize_channels: mean_rstd must be [{b}, 2, {c}] for input {:?}, got {:?}",
+        x.shape(),
+        mean_rstd.shape()
+    );
+    let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    let n = x.numel();
+    x.gpu().dispatch(
+        &SHADER,
+        "normalize_channels_forward",
+        &[
+            x.buffer(),
+            mean_rstd.buffer(),
+            gamma.buffer(),
+            beta.buffer(),
+            y.buffer(),
+        ],
+        &[n as u32, t as u32, c as u32, gelu as u32],
+        n.div_ceil(WG_ELEM) as u32,
+    )?;
+    Ok(y)
+}
+
+/// torch `GroupNorm(C, C)` on the `[B, C, T]` view of `x` `[B, T, C]`: each (b, c) normalised over all T.
+pub fn group_norm_time(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    group_norm_time_impl(x, gamma, beta, eps, false)
+}
+
+/// gelu(group_norm_time(x)), the GELU fused into the normalising kernel (wav2vec 2.0 layer 0).
+pub fn group_norm_time_gelu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    group_norm_time_impl(x, gamma, beta, eps, true)
+}
+
+fn group_norm_time_impl(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    gelu: bool,
+) -> Result<Tensor> {
+    let [_, t, c] = btc("group_norm_time", x)?;
+    check_affine("group_norm_time", c, gamma, beta)?;
+    let mean_rstd = moments_to_mean_rstd(&channel_moments(x)?, t, eps)?;
+    normalize_channels(x, &mean_rstd, gamma, beta, gelu)
+}
+
+/// Per-(batch, channel) mean and M2 in f64 on the host, for group norm over input processed in time chunks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelStats {
+    pub batch: usize,
+    pub channels: usize,
+    /// Frames seen so far.
+    pub count: u64,
+    /// `[B * C]`, b-major.
+    pub mean: Vec<f64>,
+    /// `[B * C]`: sum of squared deviations from `mean`.
+    pub m2: Vec<f64>,
+}
+
+impl ChannelStats {
+    /// Reads back `channel_moments` of a chunk of `count` frames (this flushes the pending GPU work).
+    pub fn from_moments(moments: &Tensor, count: usize) -> Result<ChannelStats> {
+        let &[b, 2, c] = moments.shape() else {
+            bail!(
+                "ChannelStats: moments must be [B, 2, C], got {:?}",
+                moments.shape()
+            );
+        };
+        ensure!(count > 0, "ChannelStats: a chunk needs at least one frame");
+        let v = moments.to_vec()?;
+        let (mut mean, mut m2) = (Vec::with_capacity(b * c), Vec::with_capacity(b * c));
+        for row in v.chunks_exact(2 * c) {
+            mean.extend(row[..c].iter().map(|&m| m as f64));
+            m2.extend(row[c..].iter().map(|&m| m as f64));
+        }
+        Ok(ChannelStats {
+            batch: b,
+            channels: c,
+            count: count as u64,
+            mean,
+            m2,
+        })
+    }
+
+    /// Adds another chunk's statistics (Chan et al.'s parallel formula, f64).
+    pub fn combine(&mut self, other: &ChannelStats) -> Result<()> {
+        ensure!(
+            (self.batch, self.channels) == (other.batch, other.channels),
+            "ChannelStats::combine: [{}, {}] vs [{}, {}] (batch, channels)",
+            self.batch,
+            self.channels,
+            other.batch,
+            other.channels
+        );
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        if n == 0.0 {
+            return Ok(());
+        }
+        for i in 0..self.mean.len() {
+            let delta = other.mean[i] - self.mean[i];
+            self.mean[i] += delta * nb / n;
+            self.m2[i] += other.m2[i] + delta * delta * na * nb / n;
+        }
+        self.count += other.count;
+        Ok(())
+    }
+
+    /// Uploads `[B, 2, C]` = (mean, 1 / sqrt(M2 / count + eps)) for [`normalize_channels`].
+    pub fn mean_rstd(&self, gpu: &Gpu, eps: f32) -> Result<Tensor> {
+        ensure!(self.count > 0, "ChannelStats: no frames seen");
+        let (b, c) = (self.batch, self.channels);
+        let mut v = Vec::with_capacity(2 * b * c);
+        for bi in 0..b {
+            let r = bi * c..(bi + 1) * c;
+            v.extend(self.mean[r.clone()].iter().map(|&m| m as f32));
+            v.extend(
+                self.m2[r]
+                    .iter()
+                    .map(|&m2| (1.0 / (m2 / self.count as f64 + eps as f64).sqrt()) as f32),
+            );
+        }
+        Tensor::from_slice(gpu, &v, &[b, 2, c])
+    }
+}
+
+/// CPU references, f64 throughout.
+pub mod reference {
+    use crate::ops::elementwise::reference::gelu_f64;
+
+    /// LayerNorm over rows of `c` values.
+    pub fn layer_norm(
+        x: &[f32],
+        c: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        gelu: bool,
+    ) -> Vec<f64> {
+        let mut y = Vec::with_capacity(x.len());
+        for row in x.chunks_exact(c) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let rstd = 1.0 / (var + eps as f64).sqrt();
+            for (i, &v) in row.iter().enumerate() {
+                let o = (v as f64 - mean) * rstd * gamma[i] as f64 + beta[i] as f64;
+                y.push(if gelu { gelu_f64(o) } else { o });
+            }
+        }
+        y
+    }
+
+    /// `[b, 2, c]` = (mean, M2) of `x` `[b, t, c]` over t.
+    pub fn channel_moments(x: &[f32], [b, t, c]: [usize; 3]) -> Vec<f64> {
+        let mut out = vec![0f64; b * 2 * c];
+        for bi in 0..b {
+            for ci in 0..c {
+                let at = |ti: usize| x[(bi * t + ti) * c + ci] as f64;
+                let mean = (0..t).map(at).sum::<f64>() / t as f64;
+                let m2 = (0..t).map(|ti| (at(ti) - mean).powi(2)).sum::<f64>();
+                out[bi * 2 * c + ci] = mean;
+                out[bi * 2 * c + c + ci] = m2;
+            }
+        }
+        out
+    }
+
+    /// torch GroupNorm(c, c) over time for `x` `[b, t, c]`.
+    pub fn group_norm_time(
+        x: &[f32],
+        [b, t, c]: [usize; 3],
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+        gelu: bool,
+    ) -> Vec<f64> {
+        let m = channel_moments(x, [b, t, c]);
+        let mut y = vec![0f64; x.len()];
+        for bi in 0..b {
+            for ti in 0..t {
+                for ci in 0..c {
+                    let mean = m[bi * 2 * c + ci];
+                    let rstd = 1.0 / (m[bi * 2 * c + c + ci] / t as f64 + eps as f64).sqrt();
+                    let i = (bi * t + ti) * c + ci;
+                    let o = (x[i] as f64 - mean) * rstd * gamma[ci] as f64 + beta[ci] as f64;
+                    y[i] = if gelu { gelu_f64(o) } else { o };
+                }
+            }
+        }
+        y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::test_gpu;
+    use crate::ops::testing::{assert_close, random_vec, Tol};
+
+    /// Uniform values with mean `offset` and standard deviation 1.
+    fn offset_data(seed: u64, n: usize, offset: f32) -> Vec<f32> {
+        random_vec(seed, n, 3f32.sqrt())
+            .into_iter()
+            .map(|v| v + offset)
+            .collect()
+    }
+
+    fn affine(seed: u64, c: usize) -> (Vec<f32>, Vec<f32>) {
+        let gamma = random_vec(seed, c, 1.0)
+            .into_iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect();
+        (gamma, random_vec(seed + 1, c, 0.5))
+    }
+
+    #[test]
+    fn layer_norm_hand_checked() {
+        // x = [1 2 3 4]: mean 2.5, var 1.25; y = (x - 2.5) / sqrt(1.25) * 2 + 1.
+        let gpu = test_gpu();
+        let x = Tensor::from_slice(gpu, &[1., 2., 3., 4.], &[1, 4]).unwrap();
+        let g = Tensor::from_slice(gpu, &[2.; 4], &[4]).unwrap();
+        let b = Tensor::from_slice(gpu, &[1.; 4], &[4]).unwrap();
+        let y = layer_norm(&x, &g, &b, 0.0).unwrap().to_vec().unwrap();
+        let s = 1.25f64.sqrt();
+        let want: Vec<f64> = [-1.5, -0.5, 0.5, 1.5]
+            .iter()
+            .map(|v| v / s * 2.0 + 1.0)
+            .collect();
+        assert_close("layer_norm hand", &y, &want, Tol::KERNEL);
+    }
+
+    #[test]
+    fn layer_norm_matches_reference() {
+        let gpu = test_gpu();
+        for (i, (shape, offset, gelu)) in [
+            (vec![3usize, 5, 37], 0.0f32, false),
+            (vec![7, 37], 100.0, true),
+            (vec![11, 512], 100.0, false),
+            (vec![2, 3, 768], -30.0, true),
+            (vec![5, 1024], 100.0, false),
+            (vec![3, 1], 5.0, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = *shape.last().unwrap();
+            let n: usize = shape.iter().product();
+            let xv = offset_data(10 + i as u64, n, offset);
+            let (gv, bv) = affine(20 + i as u64, c);
+            let x = Tensor::from_slice(gpu, &xv, &shape).unwrap();
+            let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+            let b = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+            let y = if gelu {
+                layer_norm_gelu(&x, &g, &b, 1e-5)
+            } else {
+                layer_norm(&x, &g, &b, 1e-5)
+            }
+            .unwrap();
+            assert_eq!(y.shape(), &shape[..]);
+            let want = reference::layer_norm(&xv, c, &gv, &bv, 1e-5, gelu);
+            assert_close(
+                &format!("layer_norm {shape:?} mean {offset} gelu {gelu}"),
+                &y.to_vec().unwrap(),
+                &want,
+                Tol::KERNEL,
+            );
+        }
+    }
+
+    #[test]
+    fn channel_moments_match_reference() {
+        let gpu = test_gpu();
+        let (b, t, c) = (2, 1000, 37);
+        let xv = offset_data(3, b * t * c, 100.0);
+        let x = Tensor::from_slice(gpu, &xv, &[b, t, c]).unwrap();
+        let got = channel_moments(&x).unwrap().to_vec().unwrap();
+        let want = reference::channel_moments(&xv, [b, t, c]);
+        // The mean is judged against the data's spread (std 1), not its offset: the error must be at the
+        // f32 rounding of the mean itself (half an ulp of 100 = 3.8e-6).
+        let (mut mean_err, mut gq, mut wq) = (0f64, vec![], vec![]);
+        for bi in 0..b {
+            for ci in 0..c {
+                let m = bi * 2 * c + ci;
+                mean_err = mean_err.max((got[m] as f64 - want[m]).abs());
+                gq.push(got[m + c]);
+                wq.push(want[m + c]);
+            }
+        }
+        eprintln!("channel_moments: max |mean err| = {mean_err:.3e} (std 1)");
+        assert!(mean_err < 1e-5, "mean error {mean_err}");
+        assert_close("channel_moments M2", &gq, &wq, Tol::KERNEL);
+    }
+
+    #[test]
+    fn group_norm_time_matches_reference() {
+        let gpu = test_gpu();
+        for (i, (b, t, c, offset, gelu)) in [
+            (2usize, 1000usize, 37usize, 100.0f32, false),
+            // Long audio: 782 partials per channel.
+            (1, 100_003, 3, 100.0, true),
+            (1, 1000, 37, 100.0, true),
+            (2, 129, 5, -20.0, true),
+            (1, 77, 64, 0.0, false),
+            (2, 1, 3, 1.0, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let xv = offset_data(40 + i as u64, b * t * c, offset);
+            let (gv, bv) = affine(50 + i as u64, c);
+            let x = Tensor::from_slice(gpu, &xv, &[b, t, c]).unwrap();
+            let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+            let be = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+            let y = if gelu {
+                group_norm_time_gelu(&x, &g, &be, 1e-5)
+            } else {
+                group_norm_time(&x, &g, &be, 1e-5)
+            }
+            .unwrap();
+            let want = reference::group_norm_time(&xv, [b, t, c], &gv, &bv, 1e-5, gelu);
+            assert_close(
+                &format!("group_norm_time [{b}, {t}, {c}] mean {offset} gelu {gelu}"),
+                &y.to_vec().unwrap(),
+                &want,
+                Tol::KERNEL,
+            );
+        }
+    }
+
+    #[test]
+    fn group_norm_in_time_chunks_matches_whole() {
+        // Statistics from three uneven time chunks, combined on the host, then each chunk normalised.
+        let gpu = test_gpu();
+        let (b, t, c) = (2, 700, 11);
+        let xv = offset_data(60, b * t * c, 100.0);
+        let (gv, bv) = affine(61, c);
+        let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+        let be = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+        let bounds = [(0usize, 250usize), (250, 251), (251, 700)];
+        let chunk = |t0: usize, t1: usize| -> Vec<f32> {
+            (0..b)
+                .flat_map(|bi| xv[(bi * t + t0) * c..(bi * t + t1) * c].iter().copied())
+                .collect()
+        };
+        let chunks: Vec<Tensor> = bounds
+            .iter()
+            .map(|&(t0, t1)| Tensor::from_slice(gpu, &chunk(t0, t1), &[b, t1 - t0, c]).unwrap())
+            .collect();
+        let mut stats: Option<ChannelStats> = None;
+        for (x, &(t0, t1)) in chunks.iter().zip(&bounds) {
+            let s = ChannelStats::from_moments(&channel_moments(x).unwrap(), t1 - t0).unwrap();
+            match &mut stats {
+                None => stats = Some(s),
+                Some(acc) => acc.combine(&s).unwrap(),
+            }
+        }
+        let stats = stats.unwrap();
+        assert_eq!(stats.count, t as u64);
+        let mr = stats.mean_rstd(gpu, 1e-5).unwrap();
+        let mut got = vec![0f32; xv.len()];
+        for (x, &(t0, t1)) in chunks.iter().zip(&bounds) {
+            let y = normalize_channels(x, &mr, &g, &be, true)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            for bi in 0..b {
+                let n = (t1 - t0) * c;
+                got[(bi * t + t0) * c..(bi * t + t1) * c].copy_from_slice(&y[bi * n..(bi + 1) * n]);
+            }
+        }
+        let want = reference::group_norm_time(&xv, [b, t, c], &gv, &bv, 1e-5, true);
+        assert_close("group_norm in 3 chunks", &got, &want, Tol::KERNEL);
+    }
+
+    #[test]
+    fn bad_shapes_are_clear_errors() {
+        let gpu = test_gpu();
+        let x = Tensor::zeros(gpu, &[2, 3, 4]).unwrap();
+        let g4 = Tensor::zeros(gpu, &[4]).unwrap();
+        let g3 = Tensor::zeros(gpu, &[3]).unwrap();
+        let err = |r: Result<Tensor>| r.unwrap_err().to_string();
+        assert!(err(layer_norm(&x, &g3, &g4, 1e-5)).contains("gamma must be [4]"));
+        assert!(err(group_norm_time(&x, &g4, &g3, 1e-5)).contains("beta must be [4]"));
+        let flat = Tensor::zeros(gpu, &[12]).unwrap();
+        assert!(err(group_norm_time(&flat, &g4, &g4, 1e-5)).contains("[B, T, C]"));
+        let empty = Tensor::zeros(gpu, &[2, 0, 4]).unwrap();
+        assert!(err(channel_moments(&empty)).contains("at least one frame"));
+        let mr = Tensor::zeros(gpu, &[2, 2, 3]).unwrap();
+        assert!(err(normalize_channels(&x, &mr, &g4, &g4, false)).contains("mean_rstd"));
+        assert!(err(moments_to_mean_rstd(&x, 3, 1e-5)).contains("[B, 2, C]"));
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::gpu::test_gpu;
+    use crate::ops::testing::random_vec;
+
+    /// wav2vec2-base shapes for 1 s and 10 s of audio. `cargo test --release --lib norm_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn norm_timing() {
+        let gpu = test_gpu();
+        for (name, t, c) in [
+            ("group_norm layer0 1 s", 3199usize, 512usize),
+            ("group_norm layer0 10 s", 31999, 512),
+            ("layer_norm 1 s of layer0", 3199, 512),
+            ("layer_norm encoder 10 s", 499, 768),
+        ] {
+            let x = Tensor::from_slice(gpu, &random_vec(1, t * c, 1.0), &[1, t, c]).unwrap();
+            let g = Tensor::from_slice(gpu, &random_vec(2, c, 1.0), &[c]).unwrap();
+            let run = || {
+                if name.starts_with("group") {
+                    group_norm_time_gelu(&x, &g, &g, 1e-5).unwrap();
+                } else {
+                    layer_norm(&x, &g, &g, 1e-5).unwrap();
+                }
+            };
+            run();
+            gpu.sync().unwrap();
+            let n = 3;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                run();
+            }
+            gpu.sync().unwrap();
+            let dt = start.elapsed().as_secs_f64() / n as f64;
+            eprintln!("{name} [{t}, {c}]: {:.1} ms", dt * 1e3);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+// Normalisations over channels-last activations.
+// LayerNorm: x (R, C), normalised over C per row. GroupNorm(C groups) over time: x (B, T, C), normalised
+// per (b, c) over the T frames, built from moments_partial -> moments_combine -> moments_finalize ->
+// normalize_channels.
+// Grids are 1-D, folded into 2-D when larger than 65535 workgroups: the linear workgroup id is
+// wg.x + wg.y * num_wg.x.
+//
+// Accuracy: every mean is taken of values shifted by a sample of the same row / channel (x - x[first]),
+// which is exact in f32 when the two are within a factor of 2 (Sterbenz) and leaves O(std) numbers to sum,
+// so a large common offset (mean 100, std 1) costs no precision. Variances are then centred second passes,
+// never E[x^2] - E[x]^2.
+
+// erfc(z), relative error < 1.2e-7 for every z (Numerical Recipes' Chebyshev fit `erfcc`).
+// Copied from elementwise.wgsl (WGSL has no includes).
+fn erfc_approx(z: f32) -> f32 {
+    let a = abs(z);
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let r = t * exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return select(2.0 - r, r, z >= 0.0);
+}
+
+// Exact (erf) GELU, as torch.nn.GELU() by default: x * Phi(x) = 0.5 * x * erfc(-x / sqrt(2)).
+fn gelu_exact(x: f32) -> f32 {
+    return 0.5 * x * erfc_approx(-x * 0.70710678118654752);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm: one workgroup per row. Three passes over the row (sum of shifted values, centred sum of squares,
+// output); the row is re-read from memory each time, where it sits in cache (C <= a few thousand).
+
+const LN_WG: u32 = 64u;
+
+struct LnParams {
+    rows: u32,
+    c: u32,
+    eps: f32,
+    gelu: u32,
+}
+
+@group(0) @binding(0) var<uniform> ln_p: LnParams;
+@group(0) @binding(1) var<storage, read> ln_x: array<f32>;        // (R, C)
+@group(0) @binding(2) var<storage, read> ln_gamma: array<f32>;    // (C)
+@group(0) @binding(3) var<storage, read> ln_beta: array<f32>;     // (C)
+@group(0) @binding(4) var<storage, read_write> ln_y: array<f32>;  // (R, C)
+
+var<workgroup> ln_red: array<f32, LN_WG>;
+
+// Sum of `v` over the workgroup (tree reduction); every invocation gets the total.
+fn ln_workgroup_sum(v: f32, li: u32) -> f32 {
+    ln_red[li] = v;
+    workgroupBarrier();
+    for (var s = LN_WG / 2u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            ln_red[li] += ln_red[li + s];
+        }
+        workgroupBarrier();
+    }
+    let total = ln_red[0];
+    workgroupBarrier(); // ln_red is reused by the next reduction
+    return total;
+}
+
+@compute @workgroup_size(64)
+fn layer_norm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if (row >= ln_p.rows) {
+        return; // uniform across the workgroup
+    }
+    let c = ln_p.c;
+    let base = row * c;
+    let shift = ln_x[base];
+    var s = 0.0;
+    for (var i = li; i < c; i += LN_WG) {
+        s += ln_x[base + i] - shift;
+    }
+    // mean = shift + d, kept split so that x - mean = (x - shift) - d loses nothing to the offset.
+    let d = ln_workgroup_sum(s, li) / f32(c);
+    var q = 0.0;
+    for (var i = li; i < c; i += LN_WG) {
+        let v = (ln_x[base + i] - shift) - d;
+        q += v * v;
+    }
+    let rstd = 1.0 / sqrt(ln_workgroup_sum(q, li) / f32(c) + ln_p.eps);
+    for (var i = li; i < c; i += LN_WG) {
+        var v = ((ln_x[base + i] - shift) - d) * rstd * ln_gamma[i] + ln_beta[i];
+        if (ln_p.gelu != 0u) {
+            v = gelu_exact(v);
+        }
+        ln_y[base + i] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-channel moments over time. Partial pass: one invocation per (b, chunk of CH frames, channel), adjacent
+// invocations on adjacent channels. It stores the chunk's mean of (x - x[b, 0, c]) and its centred sum of
+// squares (two passes over the chunk, which stays in cache).
+
+struct MomParams {
+    batch: u32,
+    t: u32,
+    c: u32,
+    chunk: u32,     // CH, frames per partial
+    n_chunks: u32,  // ceil(T / CH)
+    n_wg_c: u32,    // workgroups along the channels: ceil(C / 64)
+}
+
+@group(0) @binding(0) var<uniform> mp_p: MomParams;
+@group(0) @binding(1) var<storage, read> mp_x: array<f32>;            // (B, T, C)
+@group(0) @binding(2) var<storage, read_write> mp_part: array<f32>;   // (B, n_chunks, 2, C): shifted mean, M2
+
+@compute @workgroup_size(64)
+fn moments_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) li: u32) {
+    let wid = wg.x + wg.y * nwg.x;
+    let c = (wid % mp_p.n_wg_c) * 64u + li;
+    let r = wid / mp_p.n_wg_c;
+    let chunk = r % mp_p.n_chunks;
+    let b = r / mp_p.n_chunks;
+    if (c >= mp_p.c || b >= mp_p.batch) {
+        return;
+    }
+    let shift = mp_x[b * mp_p.t * mp_p.c + c];
+    let t0 = chunk * mp_p.chunk;
+    let t1 = min(mp_p.t, t0 + mp_p.chunk);
+    var s = 0.0;
+    for (var t = t0; t < t1; t++) {
+        s += mp_x[(b * mp_p.t + t) * mp_p.c + c] - shift;
+    }
+    let d = s / f32(t1 - t0);
+    var q = 0.0;
+    for (var t = t0; t < t1; t++) {
+        let v = (mp_x[(b * mp_p.t + t) * mp_p.c + c] - shift) - d;
+        q += v * v;
+    }
+    let o = (b * mp_p.n_chunks + chunk) * 2u * mp_p.c + c;
+    mp_part[o] = d;
+    mp_part[o + mp_p.c] = q;
+}
+
+// Combine pass: one invocation per (b, c) folds the chunk partials with the exact parallel formula
+// (Chan et al.): mean offset dbar = sum(n_i d_i) / N, M2 = sum(M2_i + n_i (d_i - dbar)^2), in two passes
+// over the partials so that nothing is updated incrementally around a large mean.
+
+@group(0) @binding(0) var<uniform> mc_p: MomParams;
+@group(0) @binding(1) var<storage, read> mc_x: array<f32>;              // (B, T, C): for the shift only
+@group(0) @binding(2) var<storage, read> mc_part: array<f32>;           // (B, n_chunks, 2, C)
+@group(0) @binding(3) var<storage, read_write> mc_out: array<f32>;      // (B, 2, C): mean, M2
+
+@compute @workgroup_size(64)
+fn moments_combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + li;
+    if (i >= mc_p.batch * mc_p.c) {
+        return;
+    }
+    let b = i / mc_p.c;
+    let c = i % mc_p.c;
+    let shift = mc_x[b * mc_p.t * mc_p.c + c];
+    let stride = 2u * mc_p.c;
+    let first = b * mc_p.n_chunks * stride + c;
+    let last_n = f32(mc_p.t - (mc_p.n_chunks - 1u) * mc_p.chunk);
+    let full_n = f32(mc_p.chunk);
+    var s = 0.0;
+    for (var k = 0u; k < mc_p.n_chunks; k++) {
+        let n = select(full_n, last_n, k + 1u == mc_p.n_chunks);
+        s += n * mc_part[first + k * stride];
+    }
+    let dbar = s / f32(mc_p.t);
+    var m2 = 0.0;
+    for (var k = 0u; k < mc_p.n_chunks; k++) {
+        let n = select(full_n, last_n, k + 1u == mc_p.n_chunks);
+        let dd = mc_part[first + k * stride] - dbar;
+        m2 += mc_part[first + k * stride + mc_p.c] + n * dd * dd;
+    }
+    let o = b * 2u * mc_p.c + c;
+    mc_out[o] = shift + dbar;
+    mc_out[o + mc_p.c] = m2;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// (mean, M2) over `count` frames -> (mean, 1 / sqrt(M2 / count + eps)), biased variance as torch.
+
+struct FinParams {
+    n: u32,       // B * C
+    c: u32,
+    count: f32,
+    eps: f32,
+}
+
+@group(0) @binding(0) var<uniform> mf_p: FinParams;
+@group(0) @binding(1) var<storage, read> mf_m: array<f32>;              // (B, 2, C): mean, M2
+@group(0) @binding(2) var<storage, read_write> mf_out: array<f32>;      // (B, 2, C): mean, rstd
+
+@compute @workgroup_size(64)
+fn moments_finalize(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + li;
+    if (i >= mf_p.n) {
+        return;
+    }
+    let o = (i / mf_p.c) * 2u * mf_p.c + i % mf_p.c;
+    mf_out[o] = mf_m[o];
+    mf_out[o + mf_p.c] = 1.0 / sqrt(mf_m[o + mf_p.c] / mf_p.count + mf_p.eps);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// y = (x - mean[b, c]) * rstd[b, c] * gamma[c] + beta[c], then optionally exact GELU. One invocation per element.
+
+struct NcParams {
+    n: u32,  // B * T * C
+    t: u32,
+    c: u32,
+    gelu: u32,
+}
+
+@group(0) @binding(0) var<uniform> nc_p: NcParams;
+@group(0) @binding(1) var<storage, read> nc_x: array<f32>;         // (B, T, C)
+@group(0) @binding(2) var<storage, read> nc_mr: array<f32>;        // (B, 2, C): mean, rstd
+@group(0) @binding(3) var<storage, read> nc_gamma: array<f32>;     // (C)
+@group(0) @binding(4) var<storage, read> nc_beta: array<f32>;      // (C)
+@group(0) @binding(5) var<storage, read_write> nc_y: array<f32>;   // (B, T, C)
+
+@compute @workgroup_size(256)
+fn normalize_channels_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li;
+    if (i >= nc_p.n) {
+        return;
+    }
+    let c = i % nc_p.c;
+    let b = i / (nc_p.t * nc_p.c);
+    let o = b * 2u * nc_p.c + c;
+    var v = (nc_x[i] - nc_mr[o]) * nc_mr[o + nc_p.c] * nc_gamma[c] + nc_beta[c];
+    if (nc_p.gelu != 0u) {
+        v = gelu_exact(v);
+    }
+    nc_y[i] = v;
+}
