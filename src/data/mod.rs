@@ -1,4 +1,6 @@
-//! Audio in: WAV reading, resampling to 16 kHz, per-utterance normalisation.
+//! Audio in: WAV reading and writing (`wav`), band-limited resampling to 16 kHz (`resample`), and
+//! the per-utterance zero-mean unit-variance normalisation wav2vec 2.0 expects
+//! (`wav::normalize`). `wav::load_16k` chains reading and resampling.
 
 pub mod resample;
 pub mod wav;
