@@ -1,0 +1,226 @@
+// Batched strided matmul with a fused epilogue:
+//   C[b, i, j] = act(alpha * sum_p A[b, i, p] * B[b, p, j] + bias[j])
+// with A[b, i, p] = a[a_off + b * a_bs + i * a_rs + p * a_cs], B[b, p, j] and C[b, i, j] likewise
+// (offsets and strides in f32 elements; the launcher checks every view stays inside its buffer).
+//
+// Each invocation computes a 4x4 register block of C so that every value it loads is used four times; a
+// workgroup of 8x8 invocations covers a 32x32 tile. No workgroup memory: on CPU drivers (lavapipe) barriers
+// cost more than the loads they save, and on GPUs the caches catch the reuse between neighbouring blocks.
+// Rows and columns past the edge are clamped for loading (always in bounds) and skipped when storing.
+//
+// Three entry points share the epilogue and differ only in how they load:
+//   matmul_nt4_forward: A and B both contiguous along k (B is a torch [out, in] weight, or K for Q K^T),
+//                       vec4 loads along k; needs k % 4 == 0 and 16-byte aligned rows.
+//   matmul_nn4_forward: B contiguous along n (row-major [k, n], e.g. V), vec4 loads of B rows; needs
+//                       n % 4 == 0 and 16-byte aligned B rows. A is read with scalar strided loads.
+//   matmul_forward:     any strides, scalar loads.
+// All three accumulate every output in k order with fused multiply-adds, so they give bit-identical
+// results (and the chunking of attention cannot change a result).
+// Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
+// linear workgroup id is wg.x + wg.y * num_wg.x.
+
+const TILE: u32 = 32u; // rows (and columns) of C per workgroup
+const FLAG_BIAS: u32 = 1u;
+const FLAG_GELU: u32 = 2u;
+
+struct MatParams {
+    batch: u32,
+    m: u32,
+    n: u32,
+    k: u32,
+    a_off: u32,
+    a_bs: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_off: u32,
+    b_bs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    c_off: u32,
+    c_bs: u32,
+    c_rs: u32,
+    c_cs: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    alpha: f32,
+    flags: u32, // FLAG_BIAS | FLAG_GELU
+}
+
+@group(0) @binding(0) var<uniform> mp: MatParams;
+@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // (N), or a dummy when !FLAG_BIAS
+@group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
+// Scalar views of A and B (general path; A of the nn4 path).
+@group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view
+@group(0) @binding(2) var<storage, read> mm_b: array<f32>;          // B view
+// vec4 views of the same buffers (fast paths); indices are element indices / 4.
+@group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
+@group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt4) or n (nn4)
+
+// erfc(z), relative error < 1.2e-7 for every z (Numerical Recipes' Chebyshev fit `erfcc`).
+// Copied from elementwise.wgsl (WGSL has no includes): keep the two in sync.
+fn erfc_approx(z: f32) -> f32 {
+    let a = abs(z);
+    let t = 1.0 / (1.0 + 0.5 * a);
+    let r = t * exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return select(2.0 - r, r, z >= 0.0);
+}
+
+// Exact (erf) GELU, as torch.nn.GELU() by default: x * Phi(x) = 0.5 * x * erfc(-x / sqrt(2)).
+fn gelu_exact(x: f32) -> f32 {
+    return 0.5 * x * erfc_approx(-x * 0.70710678118654752);
+}
+
+// (batch, first row, first column) of this invocation's block; batch == mp.batch when the workgroup is
+// past the end of the grid.
+fn block_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
+    let wid = wg.x + wg.y * nwg.x;
+    let per_batch = mp.tiles_m * mp.tiles_n;
+    let bt = wid / per_batch;
+    let r = wid % per_batch;
+    // Neighbouring invocations share A rows and step along columns.
+    let i0 = (r / mp.tiles_n) * TILE + (li / 8u) * 4u;
+    let j0 = (r % mp.tiles_n) * TILE + (li % 8u) * 4u;
+    return vec3<u32>(bt, i0, j0);
+}
+
+// The epilogue for one row of the block: scale, bias, activation, store inside the matrix only.
+fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
+    if (i >= mp.m) {
+        return;
+    }
+    let base = mp.c_off + bt * mp.c_bs + i * mp.c_rs;
+    for (var c = 0u; c < 4u; c++) {
+        let j = j0 + c;
+        if (j < mp.n) {
+            var v = mp.alpha * acc[c];
+            if ((mp.flags & FLAG_BIAS) != 0u) {
+                v = v + mm_bias[j];
+            }
+            if ((mp.flags & FLAG_GELU) != 0u) {
+                v = gelu_exact(v);
+            }
+            mm_c[base + j * mp.c_cs] = v;
+        }
+    }
+}
+
+// Four k steps of one row: acc[c] += x[q] * yt[q][c] for q = 0..3, fused multiply-adds in k order.
+fn fma4(acc: vec4<f32>, x: vec4<f32>, yt: mat4x4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(x.w), yt[3], fma(vec4<f32>(x.z), yt[2], fma(vec4<f32>(x.y), yt[1],
+        fma(vec4<f32>(x.x), yt[0], acc))));
+}
+
+fn store_block(o: vec3<u32>, acc0: vec4<f32>, acc1: vec4<f32>, acc2: vec4<f32>, acc3: vec4<f32>) {
+    store_row(o.x, o.y, o.z, acc0);
+    store_row(o.x, o.y + 1u, o.z, acc1);
+    store_row(o.x, o.y + 2u, o.z, acc2);
+    store_row(o.x, o.y + 3u, o.z, acc3);
+}
+
+@compute @workgroup_size(64)
+fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) li: u32) {
+    let o = block_origin(wg, nwg, li);
+    if (o.x >= mp.batch || o.y >= mp.m || o.z >= mp.n) {
+        return;
+    }
+    let a_base = mp.a_off + o.x * mp.a_bs;
+    let b_base = mp.b_off + o.x * mp.b_bs;
+    let ar0 = a_base + min(o.y, mp.m - 1u) * mp.a_rs;
+    let ar1 = a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs;
+    let ar2 = a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs;
+    let ar3 = a_base + min(o.y + 3u, mp.m - 1u) * mp.a_rs;
+    let bc0 = b_base + min(o.z, mp.n - 1u) * mp.b_cs;
+    let bc1 = b_base + min(o.z + 1u, mp.n - 1u) * mp.b_cs;
+    let bc2 = b_base + min(o.z + 2u, mp.n - 1u) * mp.b_cs;
+    let bc3 = b_base + min(o.z + 3u, mp.n - 1u) * mp.b_cs;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var p = 0u; p < mp.k; p++) {
+        let ao = p * mp.a_cs;
+        let bo = p * mp.b_rs;
+        let x = vec4<f32>(mm_a[ar0 + ao], mm_a[ar1 + ao], mm_a[ar2 + ao], mm_a[ar3 + ao]);
+        let y = vec4<f32>(mm_b[bc0 + bo], mm_b[bc1 + bo], mm_b[bc2 + bo], mm_b[bc3 + bo]);
+        acc0 = fma(vec4<f32>(x.x), y, acc0);
+        acc1 = fma(vec4<f32>(x.y), y, acc1);
+        acc2 = fma(vec4<f32>(x.z), y, acc2);
+        acc3 = fma(vec4<f32>(x.w), y, acc3);
+    }
+    store_block(o, acc0, acc1, acc2, acc3);
+}
+
+@compute @workgroup_size(64)
+fn matmul_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let o = block_origin(wg, nwg, li);
+    if (o.x >= mp.batch || o.y >= mp.m || o.z >= mp.n) {
+        return;
+    }
+    // Element offsets of each row of A and each column of B (both contiguous along k), in vec4 units.
+    let a_base = mp.a_off + o.x * mp.a_bs;
+    let b_base = mp.b_off + o.x * mp.b_bs;
+    let ar0 = (a_base + min(o.y, mp.m - 1u) * mp.a_rs) / 4u;
+    let ar1 = (a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs) / 4u;
+    let ar2 = (a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs) / 4u;
+    let ar3 = (a_base + min(o.y + 3u, mp.m - 1u) * mp.a_rs) / 4u;
+    let bc0 = (b_base + min(o.z, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc1 = (b_base + min(o.z + 1u, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc2 = (b_base + min(o.z + 2u, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc3 = (b_base + min(o.z + 3u, mp.n - 1u) * mp.b_cs) / 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    let k4 = mp.k / 4u;
+    for (var p = 0u; p < k4; p++) {
+        let x0 = mm_a4[ar0 + p];
+        let x1 = mm_a4[ar1 + p];
+        let x2 = mm_a4[ar2 + p];
+        let x3 = mm_a4[ar3 + p];
+        let y0 = mm_b4[bc0 + p];
+        let y1 = mm_b4[bc1 + p];
+        let y2 = mm_b4[bc2 + p];
+        let y3 = mm_b4[bc3 + p];
+        // Columns of yt are B[p.., j0..j0+3] for one p each: acc_r[c] += sum_p x_r[p] * y_c[p], in order.
+        let yt = transpose(mat4x4<f32>(y0, y1, y2, y3));
+        acc0 = fma4(acc0, x0, yt);
+        acc1 = fma4(acc1, x1, yt);
+        acc2 = fma4(acc2, x2, yt);
+        acc3 = fma4(acc3, x3, yt);
+    }
+    store_block(o, acc0, acc1, acc2, acc3);
+}
+
+@compute @workgroup_size(64)
+fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let o = block_origin(wg, nwg, li);
+    if (o.x >= mp.batch || o.y >= mp.m || o.z >= mp.n) {
+        return;
+    }
+    let a_base = mp.a_off + o.x * mp.a_bs;
+    let ar0 = a_base + min(o.y, mp.m - 1u) * mp.a_rs;
+    let ar1 = a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs;
+    let ar2 = a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs;
+    let ar3 = a_base + min(o.y + 3u, mp.m - 1u) * mp.a_rs;
+    // n % 4 == 0 and o.z < n, so the 4 columns o.z.. are inside the row; vec4 units.
+    let bcol = (mp.b_off + o.x * mp.b_bs + o.z) / 4u;
+    let brs = mp.b_rs / 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    for (var p = 0u; p < mp.k; p++) {
+        let ao = p * mp.a_cs;
+        let y = mm_b4[bcol + p * brs];
+        acc0 = fma(vec4<f32>(mm_a[ar0 + ao]), y, acc0);
+        acc1 = fma(vec4<f32>(mm_a[ar1 + ao]), y, acc1);
+        acc2 = fma(vec4<f32>(mm_a[ar2 + ao]), y, acc2);
+        acc3 = fma(vec4<f32>(mm_a[ar3 + ao]), y, acc3);
+    }
+    store_block(o, acc0, acc1, acc2, acc3);
+}
