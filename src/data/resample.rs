@@ -47,10 +47,7 @@ pub fn resample(x: &[f32], from_hz: u32, to_hz: u32) -> Vec<f32> {
 
 /// `round(len * to / from)`, half up, in exact integer arithmetic.
 pub fn output_len(len: usize, from_hz: u32, to_hz: u32) -> usize {
-    assert!(
-        from_hz > 0 && to_hz > 0,
-        "resample: sample rates must be > 0"
-    );
+    assert!(from_hz > 0 && to_hz > 0, "resample: sample rates must be > 0");
     ((len as u128 * to_hz as u128 + from_hz as u128 / 2) / from_hz as u128) as usize
 }
 
@@ -145,11 +142,7 @@ impl Table {
                 coeffs.push(kernel.eval(frac + reach as f64 - j as f64) as f32);
             }
         }
-        Table {
-            taps,
-            reach,
-            coeffs,
-        }
+        Table { taps, reach, coeffs }
     }
 
     fn row(&self, p: usize) -> &[f32] {
@@ -204,8 +197,7 @@ fn resample_impl(x: &[f32], from_hz: u32, to_hz: u32, force_interp: bool) -> Vec
     let kernel = Kernel::new(from_hz, to_hz);
     let taps = 2 * kernel.half_width_in().ceil() as usize + 2;
     let interp_phases = (INTERP_PHASES * kernel.s).ceil() as u64;
-    let exact = !force_interp
-        && (up <= interp_phases || (up as u128) * (taps as u128) <= MAX_TABLE as u128);
+    let exact = !force_interp && (up <= interp_phases || (up as u128) * (taps as u128) <= MAX_TABLE as u128);
 
     let mut out = Vec::with_capacity(out_len);
     // Output n sits at input time n * down / up = i + p / up; step both exactly.
@@ -485,12 +477,7 @@ mod tests {
     #[ignore]
     fn speed_10_minutes_48k() {
         let x = sine(48000 * 600, 48000, 440.0, 0.0);
-        for (from, to) in [
-            (48000, 16000),
-            (44100, 16000),
-            (8000, 16000),
-            (44101, 16000),
-        ] {
+        for (from, to) in [(48000, 16000), (44100, 16000), (8000, 16000), (44101, 16000)] {
             let x = &x[..from as usize * 600];
             let t = std::time::Instant::now();
             let y = resample(x, from, to);

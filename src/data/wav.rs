@@ -26,10 +26,7 @@ pub const TARGET_RATE: u32 = 16000;
 pub fn read_wav(path: &Path) -> Result<Audio> {
     let shown = path.display();
     let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
-    let file_len = file
-        .metadata()
-        .with_context(|| format!("{shown}: cannot stat"))?
-        .len();
+    let file_len = file.metadata().with_context(|| format!("{shown}: cannot stat"))?.len();
     if file_len == 0 {
         bail!("{shown}: empty file (0 bytes), not a WAV file");
     }
@@ -210,9 +207,7 @@ fn write_atomically(
     if spec.sample_rate == 0 {
         bail!("{shown}: cannot write a WAV at 0 Hz");
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{shown}: not a file path"))?;
+    let name = path.file_name().ok_or_else(|| anyhow!("{shown}: not a file path"))?;
     let mut tmp_name = name.to_os_string();
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp: PathBuf = path.with_file_name(tmp_name);
@@ -354,8 +349,7 @@ fn diagnose_fmt(fmt: &[u8]) -> Option<String> {
 /// hound 3.5 reports the end of the file inside the data chunk as an `Other` error with this text.
 fn is_eof(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::UnexpectedEof
-        || (e.kind() == std::io::ErrorKind::Other
-            && e.to_string() == "Failed to read enough bytes.")
+        || (e.kind() == std::io::ErrorKind::Other && e.to_string() == "Failed to read enough bytes.")
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> usize {
@@ -386,8 +380,7 @@ mod tests {
 
     impl TempDir {
         fn new(name: &str) -> TempDir {
-            let dir =
-                std::env::temp_dir().join(format!("wgpu-mlkd-wav-{}-{name}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("wgpu-mlkd-wav-{}-{name}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             TempDir(dir)
@@ -598,50 +591,20 @@ mod tests {
         );
 
         expect_error(&dir, "empty.wav", b"", "empty file");
-        expect_error(
-            &dir,
-            "text.wav",
-            b"hello, this is not audio at all",
-            "not a WAV file",
-        );
+        expect_error(&dir, "text.wav", b"hello, this is not audio at all", "not a WAV file");
         expect_error(&dir, "avi.wav", b"RIFF\x04\0\0\0AVI LIST", "form type");
         let good = raw_wav(1, 1, 16000, 16, &[1, 0, 2, 0, 3, 0, 4, 0]);
         expect_error(&dir, "head8.wav", &good[..8], "truncated header");
         expect_error(&dir, "head30.wav", &good[..30], "truncated header");
         expect_error(&dir, "head40.wav", &good[..40], "truncated header");
         expect_error(&dir, "alaw.wav", &raw_wav(6, 1, 8000, 8, &[1, 2]), "A-law");
-        expect_error(
-            &dir,
-            "mulaw.wav",
-            &raw_wav(7, 1, 8000, 8, &[1, 2]),
-            "mu-law",
-        );
-        expect_error(
-            &dir,
-            "f64.wav",
-            &raw_wav(3, 1, 8000, 64, &[0; 16]),
-            "64-bit float",
-        );
+        expect_error(&dir, "mulaw.wav", &raw_wav(7, 1, 8000, 8, &[1, 2]), "mu-law");
+        expect_error(&dir, "f64.wav", &raw_wav(3, 1, 8000, 64, &[0; 16]), "64-bit float");
         expect_error(&dir, "adpcm.wav", &raw_wav(2, 1, 8000, 8, &[0; 4]), "ADPCM");
-        expect_error(
-            &dir,
-            "12bit.wav",
-            &raw_wav(1, 1, 8000, 12, &[0; 4]),
-            "12-bit",
-        );
+        expect_error(&dir, "12bit.wav", &raw_wav(1, 1, 8000, 12, &[0; 4]), "12-bit");
         expect_error(&dir, "rate0.wav", &raw_wav(1, 1, 0, 16, &[0; 4]), "0 Hz");
-        expect_error(
-            &dir,
-            "ch0.wav",
-            &raw_wav(1, 0, 8000, 16, &[0; 4]),
-            "0 channels",
-        );
-        expect_error(
-            &dir,
-            "nodata.wav",
-            &raw_wav(1, 1, 8000, 16, &[]),
-            "no audio samples",
-        );
+        expect_error(&dir, "ch0.wav", &raw_wav(1, 0, 8000, 16, &[0; 4]), "0 channels");
+        expect_error(&dir, "nodata.wav", &raw_wav(1, 1, 8000, 16, &[]), "no audio samples");
 
         // Data chunk claims 4 samples, only 2.5 are there.
         let short = raw_wav(1, 1, 16000, 16, &[1, 0, 2, 0, 3, 0, 4, 0]);

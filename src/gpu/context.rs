@@ -52,18 +52,12 @@ impl GpuOptions {
         let backend = std::env::var("WGPU_BACKEND")
             .ok()
             .and_then(|s| BackendChoice::parse(&s).ok());
-        let adapter = std::env::var("WGPU_ADAPTER_NAME")
-            .ok()
-            .filter(|s| !s.is_empty());
+        let adapter = std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty());
         GpuOptions { backend, adapter }
     }
 
     /// Flags given on the command line win over the environment.
-    pub fn with_overrides(
-        mut self,
-        backend: Option<BackendChoice>,
-        adapter: Option<String>,
-    ) -> Self {
+    pub fn with_overrides(mut self, backend: Option<BackendChoice>, adapter: Option<String>) -> Self {
         if backend.is_some() {
             self.backend = backend;
         }
@@ -103,11 +97,9 @@ impl AdapterSummary {
             name: info.name,
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
-            driver: format!("{} {}", info.driver, info.driver_info)
-                .trim()
-                .to_string(),
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
             max_buffer_size: l.max_buffer_size,
-            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size as u64,
+            max_storage_buffer_binding_size: l.max_storage_buffer_binding_size,
             max_compute_workgroup_storage_size: l.max_compute_workgroup_storage_size,
             max_compute_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
             max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
@@ -125,7 +117,11 @@ impl fmt::Display for AdapterSummary {
             self.name,
             self.backend,
             self.device_type,
-            if self.driver.is_empty() { String::new() } else { format!(", {}", self.driver) },
+            if self.driver.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", self.driver)
+            },
             self.max_buffer_size / MIB,
             self.max_storage_buffer_binding_size / MIB,
             self.max_compute_workgroup_storage_size / 1024,
@@ -135,8 +131,7 @@ impl fmt::Display for AdapterSummary {
     }
 }
 
-const NO_ADAPTER_HELP: &str =
-    "no GPU adapter found. wgpu-mlkd needs Vulkan, Metal, DX12 or OpenGL. \
+const NO_ADAPTER_HELP: &str = "no GPU adapter found. wgpu-mlkd needs Vulkan, Metal, DX12 or OpenGL. \
 On Linux without a GPU install Mesa's software Vulkan driver (Debian/Ubuntu: `apt-get install \
 mesa-vulkan-drivers libvulkan1`) and run with WGPU_BACKEND=vulkan";
 
@@ -211,10 +206,7 @@ impl Gpu {
             let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(&needle));
             if adapters.is_empty() {
-                bail!(
-                    "no adapter name contains {filter:?}; available: {}",
-                    names.join(", ")
-                );
+                bail!("no adapter name contains {filter:?}; available: {}", names.join(", "));
             }
         }
         adapters.sort_by_key(|a| match a.get_info().device_type {
@@ -277,7 +269,9 @@ impl Gpu {
 
     /// Largest buffer one kernel may bind, in bytes.
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.inner.limits.max_storage_buffer_binding_size as u64)
+        self.inner
+            .limits
+            .max_storage_buffer_binding_size
             .min(self.inner.limits.max_buffer_size)
     }
 
@@ -319,7 +313,10 @@ impl Gpu {
         let folded = super::fold_grid(groups);
         let max = self.inner.limits.max_compute_workgroups_per_dimension;
         if folded[0] > max || folded[1] > max {
-            bail!("{}::{entry}: grid of {groups} workgroups exceeds the adapter's {max} per dimension", shader.name);
+            bail!(
+                "{}::{entry}: grid of {groups} workgroups exceeds the adapter's {max} per dimension",
+                shader.name
+            );
         }
         let pipeline = self.inner.pipelines.get(shader, entry, constants)?;
         self.record(Command::Dispatch {
@@ -333,11 +330,7 @@ impl Gpu {
     }
 
     pub(crate) fn record(&self, cmd: Command) {
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(cmd);
+        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
     }
 
     /// Encodes every pending command into one command encoder and submits it. Does not wait.
@@ -378,15 +371,8 @@ impl Gpu {
     fn encode_and_submit(&self, cmds: Vec<Command>) {
         let device = &self.inner.device;
         // All parameter blocks of this submission live in one uniform buffer, one aligned slot each.
-        let align = self
-            .inner
-            .limits
-            .min_uniform_buffer_offset_alignment
-            .max(16) as usize;
-        let n_dispatch = cmds
-            .iter()
-            .filter(|c| matches!(c, Command::Dispatch { .. }))
-            .count();
+        let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
+        let n_dispatch = cmds.iter().filter(|c| matches!(c, Command::Dispatch { .. })).count();
         let mut slots = Vec::with_capacity(n_dispatch);
         let mut bytes: Vec<u8> = Vec::new();
         for c in &cmds {
@@ -410,9 +396,7 @@ impl Gpu {
             buf
         });
 
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("step"),
-        });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         let mut slot = slots.into_iter();
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         for cmd in cmds {

@@ -36,9 +36,7 @@ pub fn fold_grid(groups: u32) -> [u32; 3] {
 pub fn test_gpu() -> &'static Gpu {
     use std::sync::OnceLock;
     static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| {
-        Gpu::new(&GpuOptions::from_env()).expect("tests need a GPU adapter (see README)")
-    })
+    GPU.get_or_init(|| Gpu::new(&GpuOptions::from_env()).expect("tests need a GPU adapter (see README)"))
 }
 
 #[cfg(test)]

@@ -18,12 +18,7 @@ macro_rules! shader {
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
-            source: include_str!(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/shaders/",
-                $name,
-                ".wgsl"
-            )),
+            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
         }
     };
 }
@@ -53,29 +48,22 @@ impl PipelineCache {
         for (k, v) in constants {
             key.push_str(&format!(" {k}={v}"));
         }
-        if let Some(p) = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(p) = self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(p.clone());
         }
         let module = self.module(shader)?;
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&key),
-                layout: None,
-                module: &module,
-                entry_point: Some(entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants,
-                    ..Default::default()
-                },
-                cache: None,
-            });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants,
+                ..Default::default()
+            },
+            cache: None,
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             bail!("compiling pipeline {key} failed: {e}");
         }
@@ -92,12 +80,10 @@ impl PipelineCache {
             return Ok(m.clone());
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(shader.name),
-                source: wgpu::ShaderSource::Wgsl(shader.source.into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(shader.name),
+            source: wgpu::ShaderSource::Wgsl(shader.source.into()),
+        });
         if let Some(e) = pollster::block_on(scope.pop()) {
             bail!("shaders/{}.wgsl does not compile: {e}", shader.name);
         }

@@ -48,8 +48,10 @@ impl BufferPool {
 
     /// A storage buffer of at least `bytes` bytes. Errors (never panics) when the size is beyond the device.
     pub(crate) fn acquire(&self, bytes: u64) -> Result<(wgpu::Buffer, u64)> {
-        let max_binding =
-            (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size);
+        let max_binding = self
+            .limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size);
         if bytes > max_binding {
             bail!(
                 "a tensor of {bytes} bytes ({:.1} MiB) exceeds this GPU's largest storage binding of {max_binding} \
@@ -118,10 +120,7 @@ mod tests {
         for bytes in (1..5000u64).chain([1 << 20, (1 << 20) + 1, 3 << 20, 100_000_007]) {
             let c = size_class(bytes);
             assert!(c >= bytes && c % 4 == 0, "{bytes} -> {c}");
-            assert!(
-                c as f64 <= (bytes.max(256) as f64) * 1.25 + 1.0,
-                "{bytes} -> {c}"
-            );
+            assert!(c as f64 <= (bytes.max(256) as f64) * 1.25 + 1.0, "{bytes} -> {c}");
             assert!(c >= prev);
             prev = c;
         }

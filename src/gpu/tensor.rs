@@ -73,23 +73,11 @@ impl Tensor {
 
     /// Uploads `data` (f32). The upload is recorded in program order with the kernels (see `gpu` docs).
     pub fn from_slice(gpu: &Gpu, data: &[f32], shape: &[usize]) -> Result<Tensor> {
-        Self::upload(
-            gpu,
-            bytemuck::cast_slice(data),
-            data.len(),
-            shape,
-            DType::F32,
-        )
+        Self::upload(gpu, bytemuck::cast_slice(data), data.len(), shape, DType::F32)
     }
 
     pub fn from_u32(gpu: &Gpu, data: &[u32], shape: &[usize]) -> Result<Tensor> {
-        Self::upload(
-            gpu,
-            bytemuck::cast_slice(data),
-            data.len(),
-            shape,
-            DType::U32,
-        )
+        Self::upload(gpu, bytemuck::cast_slice(data), data.len(), shape, DType::U32)
     }
 
     /// A tensor filled with zeros.
@@ -99,13 +87,7 @@ impl Tensor {
         Ok(t)
     }
 
-    fn upload(
-        gpu: &Gpu,
-        bytes: &[u8],
-        len: usize,
-        shape: &[usize],
-        dtype: DType,
-    ) -> Result<Tensor> {
+    fn upload(gpu: &Gpu, bytes: &[u8], len: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if numel != len {
             bail!("upload: {len} values do not fill shape {shape:?} ({numel} elements)");
@@ -159,10 +141,7 @@ impl Tensor {
     }
 
     pub fn buffer(&self) -> &wgpu::Buffer {
-        self.storage
-            .buffer
-            .as_ref()
-            .expect("live tensor has a buffer")
+        self.storage.buffer.as_ref().expect("live tensor has a buffer")
     }
 
     /// The same data viewed with another shape of equal element count (no copy).
@@ -182,13 +161,7 @@ impl Tensor {
     }
 
     /// Copies `len` elements from `src[src_start..]` into `self[dst_start..]`, in program order.
-    pub fn copy_from(
-        &self,
-        dst_start: usize,
-        src: &Tensor,
-        src_start: usize,
-        len: usize,
-    ) -> Result<()> {
+    pub fn copy_from(&self, dst_start: usize, src: &Tensor, src_start: usize, len: usize) -> Result<()> {
         if src_start + len > src.numel() || dst_start + len > self.numel() {
             bail!(
                 "copy of {len} elements out of bounds ({:?}[{src_start}..] -> {:?}[{dst_start}..])",

@@ -16,13 +16,7 @@ use crate::gpu::{DType, Tensor};
 
 /// Self-attention of `q, k, v` (each `[B, T, D]`) with `heads` heads; `key_mask` `[B, T]` u32 (1 = valid,
 /// 0 = padded key). Returns `[B, T, D]`. A query whose keys are all masked gets a zero output.
-pub fn self_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    key_mask: Option<&Tensor>,
-) -> Result<Tensor> {
+pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
     let budget = q.gpu().max_binding_bytes();
     self_attention_chunked(q, k, v, heads, key_mask, budget)
 }
@@ -344,10 +338,7 @@ mod tests {
                     .unwrap()
                     .to_vec()
                     .unwrap();
-                assert!(
-                    got == full,
-                    "D={d}: budget {budget} bytes changed the result"
-                );
+                assert!(got == full, "D={d}: budget {budget} bytes changed the result");
             }
         }
     }
@@ -356,33 +347,16 @@ mod tests {
     fn chunk_plan() {
         // T = 3000, 12 heads, 128 MiB: 3 heads of 36 MB each fit.
         let c = plan_chunks(12, 3000, 128 << 20).unwrap();
-        assert_eq!(
-            c,
-            Chunks {
-                heads: 3,
-                rows: 3000
-            }
-        );
-        assert_eq!(
-            plan_chunks(12, 10, 1 << 20).unwrap(),
-            Chunks {
-                heads: 12,
-                rows: 10
-            }
-        );
-        assert_eq!(
-            plan_chunks(12, 100, 400 * 7).unwrap(),
-            Chunks { heads: 1, rows: 7 }
-        );
+        assert_eq!(c, Chunks { heads: 3, rows: 3000 });
+        assert_eq!(plan_chunks(12, 10, 1 << 20).unwrap(), Chunks { heads: 12, rows: 10 });
+        assert_eq!(plan_chunks(12, 100, 400 * 7).unwrap(), Chunks { heads: 1, rows: 7 });
         assert!(plan_chunks(12, 100, 399).is_err());
     }
 
     #[test]
     fn bad_inputs_give_clear_errors() {
         let c = case(400, 1, 5, 12);
-        let err = self_attention(&c.tq, &c.tk, &c.tv, 5, None)
-            .unwrap_err()
-            .to_string();
+        let err = self_attention(&c.tq, &c.tk, &c.tv, 5, None).unwrap_err().to_string();
         assert!(err.contains("do not divide"), "{err}");
         let m = Tensor::from_u32(test_gpu(), &[1; 4], &[1, 4]).unwrap();
         let err = self_attention(&c.tq, &c.tk, &c.tv, 3, Some(&m))
@@ -390,9 +364,7 @@ mod tests {
             .to_string();
         assert!(err.contains("key_mask"), "{err}");
         let k2 = Tensor::zeros(test_gpu(), &[1, 6, 12]).unwrap();
-        let err = self_attention(&c.tq, &k2, &c.tv, 3, None)
-            .unwrap_err()
-            .to_string();
+        let err = self_attention(&c.tq, &k2, &c.tv, 3, None).unwrap_err().to_string();
         assert!(err.contains("same shape"), "{err}");
     }
 

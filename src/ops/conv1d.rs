@@ -33,10 +33,7 @@ impl Conv1dWeight {
     /// Repacks a torch-layout weight `[C_out, C_in / groups, K]` (recorded on the GPU, no readback).
     pub fn pack(w: &Tensor, groups: usize) -> Result<Conv1dWeight> {
         let &[c_out, cg_in, k] = w.shape() else {
-            bail!(
-                "conv1d: weight must be [C_out, C_in/groups, K], got {:?}",
-                w.shape()
-            );
+            bail!("conv1d: weight must be [C_out, C_in/groups, K], got {:?}", w.shape());
         };
         ensure!(
             w.dtype() == DType::F32,
@@ -44,11 +41,7 @@ impl Conv1dWeight {
             w.dtype()
         );
         ensure!(groups > 0, "conv1d: groups must be at least 1");
-        ensure!(
-            c_out > 0 && cg_in > 0 && k > 0,
-            "conv1d: empty weight {:?}",
-            w.shape()
-        );
+        ensure!(c_out > 0 && cg_in > 0 && k > 0, "conv1d: empty weight {:?}", w.shape());
         ensure!(
             c_out % groups == 0,
             "conv1d: C_out = {c_out} is not divisible by groups = {groups}"
@@ -61,13 +54,7 @@ impl Conv1dWeight {
             &SHADER,
             "pack_weight",
             &[w.buffer(), packed.buffer()],
-            &[
-                n as u32,
-                k as u32,
-                cg_in as u32,
-                cg_out as u32,
-                cg_out_pad as u32,
-            ],
+            &[n as u32, k as u32, cg_in as u32, cg_out as u32, cg_out_pad as u32],
             n.div_ceil(256) as u32,
         )?;
         Ok(Conv1dWeight {
@@ -116,14 +103,7 @@ pub fn conv1d(
     padding: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    conv1d_packed(
-        x,
-        &Conv1dWeight::pack(w, groups)?,
-        bias,
-        stride,
-        padding,
-        false,
-    )
+    conv1d_packed(x, &Conv1dWeight::pack(w, groups)?, bias, stride, padding, false)
 }
 
 /// y = gelu(conv1d(x, w) + bias) with exact (erf) GELU, fused into the same kernel.
@@ -135,14 +115,7 @@ pub fn conv1d_gelu(
     padding: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    conv1d_packed(
-        x,
-        &Conv1dWeight::pack(w, groups)?,
-        bias,
-        stride,
-        padding,
-        true,
-    )
+    conv1d_packed(x, &Conv1dWeight::pack(w, groups)?, bias, stride, padding, true)
 }
 
 /// The convolution with an already packed weight; `gelu` applies exact GELU to the output.
@@ -299,29 +272,14 @@ mod tests {
     }
 
     /// (B, T, C_in, C_out, K, stride, padding, groups, bias, gelu)
-    type Case = (
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        bool,
-        bool,
-    );
+    type Case = (usize, usize, usize, usize, usize, usize, usize, usize, bool, bool);
 
     fn check(name: &str, seed: u64, case: Case, tol: Tol) {
         let (b, t, c_in, c_out, k, stride, padding, groups, with_bias, gelu) = case;
         let gpu = test_gpu();
         let cg_in = c_in / groups;
         let xv = random_vec(seed, b * t * c_in, 1.0);
-        let wv = random_vec(
-            seed + 1,
-            c_out * cg_in * k,
-            1.0 / ((cg_in * k) as f32).sqrt(),
-        );
+        let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
         let bv = random_vec(seed + 2, c_out, 0.5);
         let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
         let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
@@ -376,12 +334,7 @@ mod tests {
         // 512 x 3 = 1536 terms per output (feature-encoder layers 1-4) and 6 x 128 = 768 (positional conv
         // shape with fewer channels). Weights are scaled by 1/sqrt(terms), so outputs are O(1) and
         // f32 rounding grows like sqrt(terms) * 2^-24 ~ 2e-6; KERNEL holds.
-        check(
-            "c512 k3 s2",
-            7,
-            (1, 23, 512, 20, 3, 2, 0, 1, false, true),
-            Tol::KERNEL,
-        );
+        check("c512 k3 s2", 7, (1, 23, 512, 20, 3, 2, 0, 1, false, true), Tol::KERNEL);
         check(
             "pos k128 g16",
             8,
@@ -397,12 +350,7 @@ mod tests {
         let w = Tensor::from_slice(gpu, &wv, &[6, 2, 3]).unwrap();
         let packed = Conv1dWeight::pack(&w, 2).unwrap();
         assert_eq!(
-            (
-                packed.c_out(),
-                packed.c_in(),
-                packed.kernel_size(),
-                packed.groups()
-            ),
+            (packed.c_out(), packed.c_in(), packed.kernel_size(), packed.groups()),
             (6, 4, 3, 2)
         );
         for (seed, t) in [(11u64, 8usize), (12, 19)] {
@@ -446,9 +394,9 @@ mod timing {
         let fields: Vec<&str> = stat
             .rsplit_once(')')
             .map_or(vec![], |(_, r)| r.split_whitespace().collect());
-        let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
-            f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
-        });
+        let ticks: f64 = fields
+            .get(11..13)
+            .map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
         ticks / 100.0
     }
 
@@ -474,12 +422,7 @@ mod timing {
         ];
         for (name, t, c_in, c_out, k, s, p, g) in cases {
             let x = Tensor::from_slice(gpu, &random_vec(1, t * c_in, 1.0), &[1, t, c_in]).unwrap();
-            let w = Tensor::from_slice(
-                gpu,
-                &random_vec(2, c_out * c_in / g * k, 0.1),
-                &[c_out, c_in / g, k],
-            )
-            .unwrap();
+            let w = Tensor::from_slice(gpu, &random_vec(2, c_out * c_in / g * k, 0.1), &[c_out, c_in / g, k]).unwrap();
             let wp = Conv1dWeight::pack(&w, g).unwrap();
             conv1d_packed(&x, &wp, None, s, p, true).unwrap();
             gpu.sync().unwrap();

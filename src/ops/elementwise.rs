@@ -13,13 +13,8 @@ fn groups(n: usize) -> u32 {
 
 pub fn fill(y: &Tensor, value: f32) -> Result<()> {
     let n = y.numel();
-    y.gpu().dispatch(
-        &SHADER,
-        "fill",
-        &[y.buffer()],
-        &[n as u32, value.to_bits()],
-        groups(n),
-    )
+    y.gpu()
+        .dispatch(&SHADER, "fill", &[y.buffer()], &[n as u32, value.to_bits()], groups(n))
 }
 
 /// y = a + b (same shapes).
@@ -87,11 +82,7 @@ mod tests {
             &Tensor::from_slice(gpu, &b, &[70_001]).unwrap(),
         )
         .unwrap();
-        let want: Vec<f64> = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| *x as f64 + *y as f64)
-            .collect();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| *x as f64 + *y as f64).collect();
         assert_close("add", &y.to_vec().unwrap(), &want, Tol::KERNEL);
     }
 
@@ -109,11 +100,7 @@ mod tests {
         // Elementwise relative accuracy too, where the value is not tiny.
         for (i, (&g, r)) in y.iter().zip(reference::gelu(&x)).enumerate() {
             if r.abs() > 1e-3 {
-                assert!(
-                    ((g as f64 - r) / r).abs() < 2e-6,
-                    "gelu({}) = {g}, want {r}",
-                    x[i]
-                );
+                assert!(((g as f64 - r) / r).abs() < 2e-6, "gelu({}) = {g}, want {r}", x[i]);
             }
         }
     }

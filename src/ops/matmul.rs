@@ -143,15 +143,11 @@ pub fn choose_kernel(a: View, b: View, dims: MatDims) -> Kernel {
 /// True when no two (batch, row, col) positions of the view share an element: sorted by stride, every
 /// stride must step past everything the smaller ones span. (Sufficient, and holds for every real layout.)
 fn non_overlapping(v: &View, batch: usize, rows: usize, cols: usize) -> bool {
-    let mut dims: Vec<(u128, u128)> = [
-        (batch, v.batch_stride),
-        (rows, v.row_stride),
-        (cols, v.col_stride),
-    ]
-    .into_iter()
-    .filter(|(size, _)| *size > 1)
-    .map(|(size, stride)| (size as u128, stride as u128))
-    .collect();
+    let mut dims: Vec<(u128, u128)> = [(batch, v.batch_stride), (rows, v.row_stride), (cols, v.col_stride)]
+        .into_iter()
+        .filter(|(size, _)| *size > 1)
+        .map(|(size, stride)| (size as u128, stride as u128))
+        .collect();
     dims.sort_by_key(|d| d.1);
     let mut span = 0u128; // largest offset the smaller dimensions reach
     for (size, stride) in dims {
@@ -163,14 +159,7 @@ fn non_overlapping(v: &View, batch: usize, rows: usize, cols: usize) -> bool {
     true
 }
 
-fn check_view(
-    what: &str,
-    t: &Tensor,
-    v: &View,
-    batch: usize,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
+fn check_view(what: &str, t: &Tensor, v: &View, batch: usize, rows: usize, cols: usize) -> Result<()> {
     if t.dtype() != DType::F32 {
         bail!("matmul: {what} must be f32, got {:?}", t.dtype());
     }
@@ -203,18 +192,7 @@ pub fn matmul_into(
     bias: Option<&Tensor>,
     alpha: f32,
 ) -> Result<()> {
-    matmul_into_with(
-        out,
-        out_view,
-        a,
-        a_view,
-        b,
-        b_view,
-        dims,
-        bias,
-        alpha,
-        Activation::None,
-    )
+    matmul_into_with(out, out_view, a, a_view, b, b_view, dims, bias, alpha, Activation::None)
 }
 
 /// [`matmul_into`] with an activation fused on the output: `C = act(alpha * A·B + bias[j])`.
@@ -232,9 +210,7 @@ pub fn matmul_into_with(
     act: Activation,
 ) -> Result<()> {
     let kernel = choose_kernel(a_view, b_view, dims);
-    matmul_with_kernel(
-        kernel, out, out_view, a, a_view, b, b_view, dims, bias, alpha, act,
-    )
+    matmul_with_kernel(kernel, out, out_view, a, a_view, b, b_view, dims, bias, alpha, act)
 }
 
 /// The launcher behind [`matmul_into_with`], with the kernel given (tests force the general path with it).
@@ -258,9 +234,7 @@ pub(crate) fn matmul_with_kernel(
     }
     check_view("output", out, &out_view, batch, m, n)?;
     if !non_overlapping(&out_view, batch, m, n) {
-        bail!(
-            "matmul: output view {out_view:?} over [{batch}, {m}, {n}] writes some elements twice"
-        );
+        bail!("matmul: output view {out_view:?} over [{batch}, {m}, {n}] writes some elements twice");
     }
     if k > 0 {
         check_view("A", a, &a_view, batch, m, k)?;
@@ -295,12 +269,7 @@ pub(crate) fn matmul_with_kernel(
     if groups > u32::MAX as u128 {
         bail!("matmul: {groups} workgroups for {dims:?} is too many for one dispatch");
     }
-    let flags = if bias.is_some() { FLAG_BIAS } else { 0 }
-        | if act == Activation::Gelu {
-            FLAG_GELU
-        } else {
-            0
-        };
+    let flags = if bias.is_some() { FLAG_BIAS } else { 0 } | if act == Activation::Gelu { FLAG_GELU } else { 0 };
     let u = |x: usize| x as u32; // every value was checked to fit above
     let params = [
         u(batch),
@@ -403,11 +372,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         ),
     };
     if k != kb {
-        bail!(
-            "matmul: inner dimensions differ: {:?} · {:?}",
-            a.shape(),
-            b.shape()
-        );
+        bail!("matmul: inner dimensions differ: {:?} · {:?}", a.shape(), b.shape());
     }
     let shape: Vec<usize> = if two_d { vec![m, n] } else { vec![batch, m, n] };
     let c = Tensor::empty(a.gpu(), &shape, DType::F32)?;
@@ -450,9 +415,7 @@ pub mod reference {
         for bt in 0..batch {
             for i in 0..m {
                 for j in 0..n {
-                    let s: f64 = (0..k)
-                        .map(|p| at(a, &av, bt, i, p) * at(b, &bv, bt, p, j))
-                        .sum();
+                    let s: f64 = (0..k).map(|p| at(a, &av, bt, i, p) * at(b, &bv, bt, p, j)).sum();
                     let v = alpha as f64 * s + bias.map_or(0.0, |bb| bb[j] as f64);
                     out.push(match act {
                         Activation::None => v,
@@ -465,13 +428,7 @@ pub mod reference {
     }
 
     /// `x [rows, in] · w[out, in]^T + b`, dense `[rows, out]`.
-    pub fn linear(
-        x: &[f32],
-        w: &[f32],
-        bias: Option<&[f32]>,
-        d_in: usize,
-        d_out: usize,
-    ) -> Vec<f64> {
+    pub fn linear(x: &[f32], w: &[f32], bias: Option<&[f32]>, d_in: usize, d_out: usize) -> Vec<f64> {
         let rows = x.len() / d_in;
         matmul_strided(
             x,
@@ -544,23 +501,13 @@ mod tests {
         )
         .unwrap();
         let c = tc.to_vec().unwrap();
-        let want = reference::matmul_strided(
-            &a,
-            av,
-            &b,
-            bv,
-            dims,
-            with_bias.then_some(&bias[..]),
-            alpha,
-            act,
-        );
+        let want = reference::matmul_strided(&a, av, &b, bv, dims, with_bias.then_some(&bias[..]), alpha, act);
         let mut got = Vec::with_capacity(want.len());
         let mut inside = vec![false; c_len];
         for bt in 0..batch {
             for i in 0..m {
                 for j in 0..n {
-                    let idx =
-                        cv.offset + bt * cv.batch_stride + i * cv.row_stride + j * cv.col_stride;
+                    let idx = cv.offset + bt * cv.batch_stride + i * cv.row_stride + j * cv.col_stride;
                     inside[idx] = true;
                     got.push(c[idx]);
                 }
@@ -584,10 +531,7 @@ mod tests {
         let a = Tensor::from_slice(gpu, &[1., 2., 3., 4., 5., 6.], &[2, 3]).unwrap();
         let b = Tensor::from_slice(gpu, &[7., 8., 9., 10., 11., 12.], &[3, 2]).unwrap();
         // [1 2 3; 4 5 6] · [7 8; 9 10; 11 12] = [58 64; 139 154]
-        assert_eq!(
-            matmul(&a, &b).unwrap().to_vec().unwrap(),
-            vec![58., 64., 139., 154.]
-        );
+        assert_eq!(matmul(&a, &b).unwrap().to_vec().unwrap(), vec![58., 64., 139., 154.]);
         // linear with w = b^T = [7 9 11; 8 10 12] and bias [1, -1].
         let w = Tensor::from_slice(gpu, &[7., 9., 11., 8., 10., 12.], &[2, 3]).unwrap();
         let bias = Tensor::from_slice(gpu, &[1., -1.], &[2]).unwrap();
@@ -622,13 +566,7 @@ mod tests {
     #[test]
     fn general_path_edge_sizes_and_odd_strides() {
         // Sizes that are not multiples of the 4x4 block or the 32x32 tile, every layout transposed or padded.
-        let sizes = [
-            (1, 1, 1),
-            (3, 49, 67),
-            (67, 3, 130),
-            (49, 130, 3),
-            (130, 67, 49),
-        ];
+        let sizes = [(1, 1, 1), (3, 49, 67), (67, 3, 130), (49, 130, 3), (130, 67, 49)];
         for (s, &(m, n, k)) in sizes.iter().enumerate() {
             let batch = 2;
             let dims = MatDims { batch, m, n, k };
@@ -671,10 +609,7 @@ mod tests {
 
     #[test]
     fn fast_paths_match_reference_and_general_path() {
-        for (s, &(m, n, k)) in [(1, 4, 4), (49, 130, 68), (67, 36, 132), (3, 4, 8)]
-            .iter()
-            .enumerate()
-        {
+        for (s, &(m, n, k)) in [(1, 4, 4), (49, 130, 68), (67, 36, 132), (3, 4, 8)].iter().enumerate() {
             let batch = 3;
             let dims = MatDims { batch, m, n, k };
             // nt4: A row-major with padded rows, B = weight [n, k] (B transposed), offsets multiple of 4.
@@ -750,10 +685,7 @@ mod tests {
         };
         assert_eq!(choose_kernel(View::row_major(5, 8), nt, dims), Kernel::Nt4);
         // A misaligned by one element; B not contiguous along n either.
-        assert_eq!(
-            choose_kernel(View::row_major(5, 8).at(1), nt, dims),
-            Kernel::General
-        );
+        assert_eq!(choose_kernel(View::row_major(5, 8).at(1), nt, dims), Kernel::General);
         let k6 = MatDims { k: 6, ..dims };
         assert_eq!(
             choose_kernel(View::row_major(5, 6), View::row_major(6, 8).at(2), k6),
@@ -840,12 +772,7 @@ mod tests {
             1.0,
             Activation::None,
         );
-        assert_close(
-            "matmul [2,7,5]x[2,5,3]",
-            &c.to_vec().unwrap(),
-            &want,
-            Tol::KERNEL,
-        );
+        assert_close("matmul [2,7,5]x[2,5,3]", &c.to_vec().unwrap(), &want, Tol::KERNEL);
     }
 
     #[test]
@@ -878,10 +805,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(
-            err.contains("A view") && err.contains("reaches element 12"),
-            "{err}"
-        );
+        assert!(err.contains("A view") && err.contains("reaches element 12"), "{err}");
         // Output view writing one element twice.
         let err = matmul_into(
             &out,
@@ -925,11 +849,7 @@ mod tests {
         if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
             for e in dir.flatten() {
                 if let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) {
-                    ns += s
-                        .split_whitespace()
-                        .next()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
+                    ns += s.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
                 }
             }
         }
@@ -945,8 +865,7 @@ mod tests {
         let gpu = test_gpu();
         let (t, d_in, d_out) = (149, 768, 3072);
         let x = Tensor::from_slice(gpu, &random_vec(90, t * d_in, 1.0), &[t, d_in]).unwrap();
-        let w =
-            Tensor::from_slice(gpu, &random_vec(91, d_out * d_in, 0.05), &[d_out, d_in]).unwrap();
+        let w = Tensor::from_slice(gpu, &random_vec(91, d_out * d_in, 0.05), &[d_out, d_in]).unwrap();
         let b = Tensor::from_slice(gpu, &random_vec(92, d_out, 0.1), &[d_out]).unwrap();
         let flop = 2.0 * (t * d_in * d_out) as f64;
         // (name, kernel, act): the weight as stored ([out, in], nt4), the same product through the general

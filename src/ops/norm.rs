@@ -30,11 +30,7 @@ const WG_ELEM: usize = 256;
 const CHUNK: usize = 128;
 
 fn check_f32(op: &str, what: &str, t: &Tensor) -> Result<()> {
-    ensure!(
-        t.dtype() == DType::F32,
-        "{op}: {what} must be f32, got {:?}",
-        t.dtype()
-    );
+    ensure!(t.dtype() == DType::F32, "{op}: {what} must be f32, got {:?}", t.dtype());
     ensure!(
         t.numel() < u32::MAX as usize,
         "{op}: {what} {:?} is beyond 2^32 elements (32-bit indexing); split it",
@@ -78,13 +74,7 @@ pub fn layer_norm_gelu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> R
     layer_norm_impl(x, gamma, beta, eps, true)
 }
 
-fn layer_norm_impl(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    gelu: bool,
-) -> Result<Tensor> {
+fn layer_norm_impl(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, gelu: bool) -> Result<Tensor> {
     let Some(&c) = x.shape().last() else {
         bail!("layer_norm: input must have at least one dim, got a scalar");
     };
@@ -156,12 +146,7 @@ pub fn moments_to_mean_rstd(moments: &Tensor, count: usize, eps: f32) -> Result<
         &SHADER,
         "moments_finalize",
         &[moments.buffer(), out.buffer()],
-        &[
-            (b * c) as u32,
-            c as u32,
-            (count as f32).to_bits(),
-            eps.to_bits(),
-        ],
+        &[(b * c) as u32, c as u32, (count as f32).to_bits(), eps.to_bits()],
         (b * c).div_ceil(WG) as u32,
     )?;
     Ok(out)
@@ -169,13 +154,7 @@ pub fn moments_to_mean_rstd(moments: &Tensor, count: usize, eps: f32) -> Result<
 
 /// y = (x - mean[b, c]) * rstd[b, c] * gamma[c] + beta[c] (then exact GELU if `gelu`), for `x` `[B, T, C]`
 /// and `mean_rstd` `[B, 2, C]` from [`moments_to_mean_rstd`] or [`ChannelStats::mean_rstd`].
-pub fn normalize_channels(
-    x: &Tensor,
-    mean_rstd: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    gelu: bool,
-) -> Result<Tensor> {
+pub fn normalize_channels(x: &Tensor, mean_rstd: &Tensor, gamma: &Tensor, beta: &Tensor, gelu: bool) -> Result<Tensor> {
     let [b, t, c] = btc("normalize_channels", x)?;
     check_affine("normalize_channels", c, gamma, beta)?;
     check_f32("normalize_channels", "mean_rstd", mean_rstd)?;
@@ -213,13 +192,7 @@ pub fn group_norm_time_gelu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32)
     group_norm_time_impl(x, gamma, beta, eps, true)
 }
 
-fn group_norm_time_impl(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    eps: f32,
-    gelu: bool,
-) -> Result<Tensor> {
+fn group_norm_time_impl(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, gelu: bool) -> Result<Tensor> {
     let [_, t, c] = btc("group_norm_time", x)?;
     check_affine("group_norm_time", c, gamma, beta)?;
     let mean_rstd = moments_to_mean_rstd(&channel_moments(x)?, t, eps)?;
@@ -243,10 +216,7 @@ impl ChannelStats {
     /// Reads back `channel_moments` of a chunk of `count` frames (this flushes the pending GPU work).
     pub fn from_moments(moments: &Tensor, count: usize) -> Result<ChannelStats> {
         let &[b, 2, c] = moments.shape() else {
-            bail!(
-                "ChannelStats: moments must be [B, 2, C], got {:?}",
-                moments.shape()
-            );
+            bail!("ChannelStats: moments must be [B, 2, C], got {:?}", moments.shape());
         };
         ensure!(count > 0, "ChannelStats: a chunk needs at least one frame");
         let v = moments.to_vec()?;
@@ -311,14 +281,7 @@ pub mod reference {
     use crate::ops::elementwise::reference::gelu_f64;
 
     /// LayerNorm over rows of `c` values.
-    pub fn layer_norm(
-        x: &[f32],
-        c: usize,
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-        gelu: bool,
-    ) -> Vec<f64> {
+    pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32, gelu: bool) -> Vec<f64> {
         let mut y = Vec::with_capacity(x.len());
         for row in x.chunks_exact(c) {
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
@@ -388,10 +351,7 @@ mod tests {
     }
 
     fn affine(seed: u64, c: usize) -> (Vec<f32>, Vec<f32>) {
-        let gamma = random_vec(seed, c, 1.0)
-            .into_iter()
-            .map(|v| 1.0 + 0.5 * v)
-            .collect();
+        let gamma = random_vec(seed, c, 1.0).into_iter().map(|v| 1.0 + 0.5 * v).collect();
         (gamma, random_vec(seed + 1, c, 0.5))
     }
 
@@ -404,10 +364,7 @@ mod tests {
         let b = Tensor::from_slice(gpu, &[1.; 4], &[4]).unwrap();
         let y = layer_norm(&x, &g, &b, 0.0).unwrap().to_vec().unwrap();
         let s = 1.25f64.sqrt();
-        let want: Vec<f64> = [-1.5, -0.5, 0.5, 1.5]
-            .iter()
-            .map(|v| v / s * 2.0 + 1.0)
-            .collect();
+        let want: Vec<f64> = [-1.5, -0.5, 0.5, 1.5].iter().map(|v| v / s * 2.0 + 1.0).collect();
         assert_close("layer_norm hand", &y, &want, Tol::KERNEL);
     }
 
@@ -541,10 +498,7 @@ mod tests {
         let mr = stats.mean_rstd(gpu, 1e-5).unwrap();
         let mut got = vec![0f32; xv.len()];
         for (x, &(t0, t1)) in chunks.iter().zip(&bounds) {
-            let y = normalize_channels(x, &mr, &g, &be, true)
-                .unwrap()
-                .to_vec()
-                .unwrap();
+            let y = normalize_channels(x, &mr, &g, &be, true).unwrap().to_vec().unwrap();
             for bi in 0..b {
                 let n = (t1 - t0) * c;
                 got[(bi * t + t0) * c..(bi * t + t1) * c].copy_from_slice(&y[bi * n..(bi + 1) * n]);

@@ -62,12 +62,7 @@ pub fn softmax_rows_inplace(x: &Tensor, mask: Option<(&Tensor, usize)>) -> Resul
 }
 
 /// The launcher: softmax of the first `rows` rows of `n` in `x` (which may be larger), in place.
-pub(crate) fn softmax_rows_at(
-    x: &Tensor,
-    rows: usize,
-    n: usize,
-    mask: Option<MaskRef>,
-) -> Result<()> {
+pub(crate) fn softmax_rows_at(x: &Tensor, rows: usize, n: usize, mask: Option<MaskRef>) -> Result<()> {
     if x.dtype() != DType::F32 {
         bail!("softmax: x must be f32, got {:?}", x.dtype());
     }
@@ -75,10 +70,7 @@ pub(crate) fn softmax_rows_at(
         return Ok(());
     }
     if rows as u128 * n as u128 > x.numel() as u128 {
-        bail!(
-            "softmax: {rows} rows of {n} do not fit in x {:?}",
-            x.shape()
-        );
+        bail!("softmax: {rows} rows of {n} do not fit in x {:?}", x.shape());
     }
     if x.numel() > u32::MAX as usize || rows > u32::MAX as usize {
         bail!("softmax: x {:?} is beyond 32-bit indexing", x.shape());
@@ -105,13 +97,7 @@ pub(crate) fn softmax_rows_at(
             }
             (
                 mask.buffer(),
-                [
-                    rows as u32,
-                    n as u32,
-                    1,
-                    offset as u32,
-                    rows_per_batch as u32,
-                ],
+                [rows as u32, n as u32, 1, offset as u32, rows_per_batch as u32],
             )
         }
         None => {
@@ -142,13 +128,7 @@ pub mod reference {
                 .map(|j| row[j] as f64)
                 .fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = (0..n)
-                .map(|j| {
-                    if valid(j) {
-                        (row[j] as f64 - max).exp()
-                    } else {
-                        0.0
-                    }
-                })
+                .map(|j| if valid(j) { (row[j] as f64 - max).exp() } else { 0.0 })
                 .collect();
             let s: f64 = e.iter().sum();
             out.extend(e.iter().map(|v| if s > 0.0 { v / s } else { 0.0 }));

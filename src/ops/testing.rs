@@ -40,10 +40,7 @@ pub fn max_rel_error(got: &[f32], want: &[f64]) -> f64 {
 #[track_caller]
 pub fn assert_close(name: &str, got: &[f32], want: &[f64], tol: Tol) {
     let err = max_rel_error(got, want);
-    eprintln!(
-        "{name}: max |err| / max |ref| = {err:.3e} (tolerance {:.0e})",
-        tol.rel
-    );
+    eprintln!("{name}: max |err| / max |ref| = {err:.3e} (tolerance {:.0e})", tol.rel);
     assert!(
         err <= tol.rel,
         "{name}: max |err| / max |ref| = {err:.3e} > {:.0e}",

@@ -1,0 +1,53 @@
+//! The `wgpu-mlkd` command line: one file per subcommand.
+
+mod devices;
+mod extract;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::gpu::{BackendChoice, Gpu, GpuOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "wgpu-mlkd",
+    version,
+    about = "Noise-robust speech emotion recognition by multi-level knowledge \
+distillation, on any GPU through wgpu (Vulkan, Metal, DX12; software Vulkan where there is no GPU)"
+)]
+pub struct Cli {
+    /// Graphics API to use [env: WGPU_BACKEND]
+    #[arg(long, global = true, value_enum)]
+    backend: Option<BackendChoice>,
+    /// Use the adapter whose name contains this text (case-insensitive) [env: WGPU_ADAPTER_NAME]
+    #[arg(long, global = true, value_name = "NAME-SUBSTRING")]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the GPU adapters wgpu can see, with their backend, type and limits
+    Devices(devices::Args),
+    /// Run the wav2vec 2.0 teacher on a WAV file and save its hidden states as safetensors
+    Extract(extract::Args),
+}
+
+impl Cli {
+    fn gpu_options(&self) -> GpuOptions {
+        GpuOptions::from_env().with_overrides(self.backend, self.adapter.clone())
+    }
+
+    fn open_gpu(&self) -> Result<Gpu> {
+        Gpu::new(&self.gpu_options())
+    }
+}
+
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Devices(args) => devices::run(&cli, args),
+        Command::Extract(args) => extract::run(&cli, args),
+    }
+}

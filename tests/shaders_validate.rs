@@ -1,0 +1,56 @@
+//! Every WGSL file parses and validates with naga, the front end wgpu itself uses, so a shader error fails
+//! here with its file and line before any GPU is touched.
+
+use std::path::Path;
+
+#[test]
+fn every_shader_parses_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "wgsl"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no shaders found in {}", dir.display());
+    let mut failures = Vec::new();
+    for path in &files {
+        let src = std::fs::read_to_string(path).unwrap();
+        let shown = path
+            .strip_prefix(env!("CARGO_MANIFEST_DIR"))
+            .unwrap_or(path)
+            .display()
+            .to_string();
+        let module = match naga::front::wgsl::parse_str(&src) {
+            Ok(m) => m,
+            Err(e) => {
+                failures.push(e.emit_to_string_with_path(&src, &shown));
+                continue;
+            }
+        };
+        let mut validator = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::default(),
+        );
+        if let Err(e) = validator.validate(&module) {
+            failures.push(e.emit_to_string_with_path(&src, &shown));
+        }
+        eprintln!("{shown}: ok ({} entry points)", module.entry_points.len());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_validator_catches_a_broken_shader() {
+    // The check above must be able to fail: a type error is reported with its line.
+    let src = "@compute @workgroup_size(1)\nfn main() {\n  let x: f32 = 1u;\n}\n";
+    let err = naga::front::wgsl::parse_str(src)
+        .map(|m| {
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), Default::default())
+                .validate(&m)
+                .is_ok()
+        })
+        .map_err(|e| e.emit_to_string_with_path(src, "broken.wgsl"));
+    let msg = err.expect_err("a type error must not parse");
+    assert!(msg.contains("broken.wgsl:3"), "{msg}");
+}

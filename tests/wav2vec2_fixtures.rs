@@ -1,0 +1,90 @@
+//! The teacher forward pass against hidden states written by Hugging Face transformers itself
+//! (`tests/fixtures/make_fixtures.py`): both architectures, both weight-norm namings, a `wav2vec2.`-prefixed
+//! f16 sharded checkpoint. Every tensor must satisfy max |error| / max |reference| <= 1e-4.
+
+mod common;
+
+use common::{assert_rel_close, fixture, gpu, read_safetensors};
+use wgpu_mlkd::data::wav;
+use wgpu_mlkd::model::{teacher_normalizes, Wav2Vec2};
+
+/// The bound for a model forward against transformers.
+const MODEL_TOL: f64 = 1e-4;
+/// The input pipeline (WAV decoding + normalisation) against the feature extractor: f32 rounding only.
+const INPUT_TOL: f64 = 1e-6;
+
+fn check_fixture(name: &str) {
+    let dir = fixture(name);
+    let expected = read_safetensors(&dir.join("expected.safetensors"));
+    let (_, input_values) = &expected["input_values"];
+
+    // 1. Our WAV reading and normalisation reproduce transformers' input_values.
+    let mut samples = wav::load_16k(&dir.join("input.wav")).unwrap();
+    if teacher_normalizes(&dir).unwrap() {
+        wav::normalize(&mut samples);
+    }
+    assert_rel_close(&format!("{name}/input_values"), &samples, input_values, INPUT_TOL);
+
+    // 2. The forward pass on exactly transformers' input reproduces every hidden state.
+    let model = Wav2Vec2::load(gpu(), &dir).unwrap();
+    let out = model.forward(input_values).unwrap();
+    let n = model.config.num_hidden_layers;
+    assert_eq!(out.hidden_states.len(), n + 1);
+    let check = |key: &str, t: &wgpu_mlkd::gpu::Tensor| {
+        let (shape, want) = &expected[key];
+        assert_eq!(&t.shape()[1..], &shape[..], "{name}/{key} shape");
+        assert_rel_close(&format!("{name}/{key}"), &t.to_vec().unwrap(), want, MODEL_TOL);
+    };
+    check("extract_features", &out.extract_features);
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        check(&format!("hidden_states.{i}"), h);
+    }
+    check("last_hidden_state", &out.last_hidden_state);
+}
+
+#[test]
+fn base_group_norm_post_ln_with_weight_g_v_naming() {
+    check_fixture("base_group");
+}
+
+#[test]
+fn stable_layer_norm_pre_ln_with_parametrizations_naming() {
+    check_fixture("stable_layer");
+}
+
+#[test]
+fn ctc_prefixed_f16_sharded_checkpoint() {
+    check_fixture("ctc_f16_sharded");
+}
+
+/// Long audio is processed in time chunks (group-norm statistics gathered over the whole input first); the
+/// chunked features equal the one-piece features, for both normalisations, including a ragged last chunk.
+#[test]
+fn chunked_feature_encoder_equals_one_piece() {
+    for name in ["base_group", "stable_layer"] {
+        let dir = fixture(name);
+        let expected = read_safetensors(&dir.join("expected.safetensors"));
+        let (_, input) = &expected["input_values"];
+        let model = Wav2Vec2::load(gpu(), &dir).unwrap();
+        let wave = wgpu_mlkd::gpu::Tensor::from_slice(gpu(), input, &[1, input.len(), 1]).unwrap();
+        let frames = model.config.frames(input.len());
+        let whole = model.feature_encoder_chunked(&wave, frames).unwrap().to_vec().unwrap();
+        for chunk in [1, 17, frames - 1] {
+            let chunked = model.feature_encoder_chunked(&wave, chunk).unwrap().to_vec().unwrap();
+            // Only the f32 rounding of the combined group-norm statistics may differ.
+            assert_rel_close(&format!("{name}/chunks of {chunk}"), &chunked, &whole, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn audio_shorter_than_the_receptive_field_is_a_clear_error() {
+    let model = Wav2Vec2::load(gpu(), &fixture("base_group")).unwrap();
+    let rf = model.config.receptive_field();
+    let err = model.forward(&vec![0.1; rf - 1]).err().expect("too short").to_string();
+    assert!(err.contains("receptive field"), "{err}");
+    assert_eq!(
+        model.forward(&vec![0.1; rf]).unwrap().hidden_states[0].shape(),
+        &[1, 1, 32]
+    );
+}
