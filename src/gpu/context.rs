@@ -131,7 +131,7 @@ impl fmt::Display for AdapterSummary {
     }
 }
 
-const NO_ADAPTER_HELP: &str = "no GPU adapter found. wgpu-mlkd needs Vulkan, Metal, DX12 or OpenGL. \
+const NO_ADAPTER_HELP: &str = "wgpu-mlkd needs Vulkan, Metal, DX12 or OpenGL. \
 On Linux without a GPU install Mesa's software Vulkan driver (Debian/Ubuntu: `apt-get install \
 mesa-vulkan-drivers libvulkan1`) and run with WGPU_BACKEND=vulkan";
 
@@ -188,18 +188,13 @@ impl Gpu {
         let instance = make_instance(options);
         let mut adapters = pollster::block_on(instance.enumerate_adapters(options.backends()));
         if adapters.is_empty() {
-            let which = options
-                .backend
-                .map(|b| format!(" for backend {b:?}"))
-                .unwrap_or_default();
-            bail!(
-                "{NO_ADAPTER_HELP}{}",
-                if which.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({which})")
-                }
-            );
+            match options.backend {
+                Some(b) => bail!(
+                    "no GPU adapter found for backend {b:?} (`wgpu-mlkd devices` without --backend lists what \
+                     there is). {NO_ADAPTER_HELP}"
+                ),
+                None => bail!("no GPU adapter found. {NO_ADAPTER_HELP}"),
+            }
         }
         if let Some(filter) = &options.adapter {
             let needle = filter.to_lowercase();
@@ -209,12 +204,17 @@ impl Gpu {
                 bail!("no adapter name contains {filter:?}; available: {}", names.join(", "));
             }
         }
-        adapters.sort_by_key(|a| match a.get_info().device_type {
-            wgpu::DeviceType::DiscreteGpu => 0,
-            wgpu::DeviceType::IntegratedGpu => 1,
-            wgpu::DeviceType::VirtualGpu => 2,
-            wgpu::DeviceType::Cpu => 3,
-            wgpu::DeviceType::Other => 4,
+        // Prefer real GPUs, then the native APIs over OpenGL (compute on GL is a fallback).
+        adapters.sort_by_key(|a| {
+            let info = a.get_info();
+            let device = match info.device_type {
+                wgpu::DeviceType::DiscreteGpu => 0,
+                wgpu::DeviceType::IntegratedGpu => 1,
+                wgpu::DeviceType::VirtualGpu => 2,
+                wgpu::DeviceType::Cpu => 3,
+                wgpu::DeviceType::Other => 4,
+            };
+            (device, info.backend == wgpu::Backend::Gl)
         });
         let adapter = adapters.swap_remove(0);
         let summary = AdapterSummary::of(&adapter);

@@ -1,0 +1,178 @@
+//! The command line end to end: `devices`, and `extract` on a fixture (WAV decoding, normalisation, forward,
+//! safetensors output) against transformers' hidden states; bad arguments give a clear error and no panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{assert_rel_close, fixture, read_safetensors};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
+        .args(args)
+        .output()
+        .expect("run wgpu-mlkd")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("wgpu-mlkd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn devices_lists_adapters_and_the_selected_one() {
+    let o = run(&["devices"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        out.contains("max storage binding") && out.contains("selected:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn extract_matches_transformers_through_the_whole_pipeline() {
+    for name in ["base_group", "stable_layer"] {
+        let dir = fixture(name);
+        let out = temp(&format!("{name}.safetensors"));
+        let o = run(&[
+            "extract",
+            "--teacher",
+            path(&dir),
+            "--input",
+            path(&dir.join("input.wav")),
+            "--out",
+            path(&out),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let got = read_safetensors(&out);
+        let want = read_safetensors(&dir.join("expected.safetensors"));
+        for (key, (shape, data)) in &want {
+            if key == "input_values" {
+                continue;
+            }
+            let (gs, gd) = got.get(key).unwrap_or_else(|| panic!("{name}: {key} missing"));
+            assert_eq!(gs, shape, "{name}/{key}");
+            assert_rel_close(&format!("cli {name}/{key}"), gd, data, 1e-4);
+        }
+        let bytes = std::fs::read(&out).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!(meta["sample_rate"], "16000");
+        assert_eq!(meta["frames"], want["extract_features"].0[0].to_string());
+        assert_eq!(meta["teacher_config_sha256"].len(), 64);
+    }
+}
+
+#[test]
+fn extract_writes_only_the_requested_layers() {
+    let dir = fixture("base_group");
+    let out = temp("layers.safetensors");
+    let o = run(&[
+        "extract",
+        "--teacher",
+        path(&dir),
+        "--input",
+        path(&dir.join("input.wav")),
+        "--out",
+        path(&out),
+        "--layers",
+        "0,2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut keys: Vec<_> = read_safetensors(&out).into_keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "extract_features",
+            "hidden_states.0",
+            "hidden_states.2",
+            "last_hidden_state"
+        ]
+    );
+}
+
+#[test]
+fn bad_arguments_fail_cleanly_without_output() {
+    let dir = fixture("base_group");
+    let wav = dir.join("input.wav");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--input".into(), "/nonexistent/x.wav".into()], "x.wav"),
+        (
+            vec!["--input".into(), path(&dir.join("config.json")).into()],
+            "config.json",
+        ),
+        (vec!["--layers".into(), "9".into()], "beyond"),
+    ];
+    for (extra, needle) in cases {
+        let out = temp("bad.safetensors");
+        let mut args = vec![
+            "extract".to_string(),
+            "--teacher".into(),
+            path(&dir).into(),
+            "--out".into(),
+            path(&out).into(),
+        ];
+        if !extra.contains(&"--input".to_string()) {
+            args.extend(["--input".to_string(), path(&wav).into()]);
+        }
+        args.extend(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert!(!o.status.success() && err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+        assert!(!out.exists(), "{args:?} left {}", out.display());
+    }
+    // An output whose parent directory is a file.
+    let o = run(&[
+        "extract",
+        "--teacher",
+        path(&dir),
+        "--input",
+        path(&wav),
+        "--out",
+        path(&wav.join("x.safetensors")),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("not a directory"),
+        "{}",
+        stderr(&o)
+    );
+    // A teacher folder without weights.
+    let o = run(&[
+        "extract",
+        "--teacher",
+        "/nonexistent-teacher",
+        "--input",
+        path(&wav),
+        "--out",
+        path(&temp("t.st")),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("/nonexistent-teacher"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_backend_without_adapters_says_how_to_get_one() {
+    let o = run(&["--backend", "metal", "devices"]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("mesa-vulkan-drivers"), "{err}");
+}
