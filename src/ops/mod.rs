@@ -7,6 +7,8 @@ pub mod conv1d;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
+pub mod slice;
 pub mod softmax;
 #[cfg(test)]
 pub mod testing;
+pub mod weight_norm;
