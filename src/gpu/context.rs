@@ -231,9 +231,16 @@ impl Gpu {
         {
             let slot = device_error.clone();
             device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+                // The Display form of wgpu's errors is only "Validation Error"; the details are in the
+                // description and the source chain.
+                let detail = match &e {
+                    wgpu::Error::Validation { description, .. } => description.clone(),
+                    wgpu::Error::OutOfMemory { .. } => "out of GPU memory".to_string(),
+                    other => format!("{other:?}"),
+                };
                 let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
                 if s.is_none() {
-                    *s = Some(e.to_string());
+                    *s = Some(detail);
                 }
             }));
             let slot = device_error.clone();

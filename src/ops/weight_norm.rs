@@ -31,7 +31,7 @@ pub fn weight_norm(g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
     gpu.dispatch(
         &SHADER,
         "weight_norm_norms_forward",
-        &[g.buffer(), v.buffer(), norms.buffer()],
+        &[v.buffer(), norms.buffer()],
         &params,
         k as u32,
     )?;
