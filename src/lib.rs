@@ -7,3 +7,4 @@ pub mod fsutil;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod tape;
