@@ -194,7 +194,7 @@ impl Tape {
         let seed = Tensor::empty(loss.value.gpu(), loss.value.shape(), crate::gpu::DType::F32)?;
         seed.fill(1.0)?;
         let mut grads: HashMap<usize, Tensor> = HashMap::from([(loss_id, seed)]);
-        let mut deliver = |id: usize, g: Tensor, grads: &mut HashMap<usize, Tensor>| -> Result<()> {
+        let deliver = |id: usize, g: Tensor, grads: &mut HashMap<usize, Tensor>| -> Result<()> {
             if let Some(p) = params.get(&id) {
                 return p.accumulate(g);
             }
