@@ -1,5 +1,6 @@
 //! The `wgpu-mlkd` command line: one file per subcommand.
 
+mod dataset;
 mod devices;
 mod extract;
 
@@ -28,6 +29,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Summarise a dataset (EmoDB or IEMOCAP folder, or CSV manifest) and list files it cannot use
+    Dataset(dataset::Args),
     /// List the GPU adapters wgpu can see, with their backend, type and limits
     Devices(devices::Args),
     /// Run the wav2vec 2.0 teacher on a WAV file and save its hidden states as safetensors
@@ -47,6 +50,7 @@ impl Cli {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match &cli.command {
+        Command::Dataset(args) => dataset::run(&cli, args),
         Command::Devices(args) => devices::run(&cli, args),
         Command::Extract(args) => extract::run(&cli, args),
     }
