@@ -68,3 +68,58 @@ fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         gelu_y[i] = gelu_exact(gelu_x[i]);
     }
 }
+
+@group(0) @binding(0) var<uniform> gelu_bw_p: BinaryParams;
+@group(0) @binding(1) var<storage, read> gelu_bw_x: array<f32>;        // (N) the forward's input
+@group(0) @binding(2) var<storage, read> gelu_bw_dy: array<f32>;       // (N)
+@group(0) @binding(3) var<storage, read_write> gelu_bw_dx: array<f32>; // (N)
+
+// d/dx [x Phi(x)] = Phi(x) + x phi(x), with Phi from the same erfc as the forward (full relative precision in
+// the negative tail) and phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+fn gelu_exact_grad(x: f32) -> f32 {
+    let cdf = 0.5 * erfc_approx(-x * 0.70710678118654752);
+    let pdf = 0.39894228040143268 * exp(-0.5 * x * x);
+    return cdf + x * pdf;
+}
+
+@compute @workgroup_size(256)
+fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < gelu_bw_p.n) {
+        gelu_bw_dx[i] = gelu_bw_dy[i] * gelu_exact_grad(gelu_bw_x[i]);
+    }
+}
+
+struct ScaleParams {
+    n: u32,
+    alpha: f32,
+}
+
+@group(0) @binding(0) var<uniform> scale_p: ScaleParams;
+@group(0) @binding(1) var<storage, read> scale_x: array<f32>;       // (N)
+@group(0) @binding(2) var<storage, read_write> scale_y: array<f32>; // (N)
+
+// y = alpha * x. Its own backward too (dx = alpha * dy).
+@compute @workgroup_size(256)
+fn scale_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < scale_p.n) {
+        scale_y[i] = scale_p.alpha * scale_x[i];
+    }
+}
+
+@group(0) @binding(0) var<uniform> axpy_p: ScaleParams;
+@group(0) @binding(1) var<storage, read> axpy_x: array<f32>;         // (N)
+@group(0) @binding(2) var<storage, read_write> axpy_acc: array<f32>; // (N) updated in place
+
+// acc += alpha * x (gradient accumulation). alpha = 1 gives exactly acc + x.
+@compute @workgroup_size(256)
+fn axpy_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < axpy_p.n) {
+        axpy_acc[i] = axpy_acc[i] + axpy_p.alpha * axpy_x[i];
+    }
+}

@@ -1,6 +1,11 @@
-//! Element-wise kernels (`shaders/elementwise.wgsl`): fill, residual add, exact GELU.
+//! Element-wise kernels (`shaders/elementwise.wgsl`): fill, residual add, exact GELU and its backward,
+//! scaling and in-place gradient accumulation.
+//!
+//! Backward rules that need no kernel of their own:
+//! - residual add `y = a + b`: `da = db = dy` (identity; the tape hands `dy` to both inputs);
+//! - `scale(x, alpha)`: `dx = scale(dy, alpha)` (the same op), e.g. the CNN's gradient multiplier 0.1.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 use crate::gpu::{DType, Shader, Tensor};
 
@@ -48,6 +53,77 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+fn check_f32(op: &str, what: &str, t: &Tensor) -> Result<()> {
+    ensure!(t.dtype() == DType::F32, "{op}: {what} must be f32, got {:?}", t.dtype());
+    ensure!(
+        t.numel() < u32::MAX as usize,
+        "{op}: {what} {:?} is beyond 2^32 elements (32-bit indexing); split it",
+        t.shape()
+    );
+    Ok(())
+}
+
+fn check_same(op: &str, (an, a): (&str, &Tensor), (bn, b): (&str, &Tensor)) -> Result<()> {
+    check_f32(op, an, a)?;
+    check_f32(op, bn, b)?;
+    ensure!(
+        a.shape() == b.shape(),
+        "{op}: {an} {:?} and {bn} {:?} must have the same shape",
+        a.shape(),
+        b.shape()
+    );
+    Ok(())
+}
+
+/// Backward of [`gelu`]: `dx = dy * (Phi(x) + x phi(x))`, the exact derivative of the erf GELU, from the
+/// forward's input `x` (GELU saves nothing else).
+pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    check_same("gelu_backward", ("x", x), ("dy", dy))?;
+    let dx = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    let n = x.numel();
+    x.gpu().dispatch(
+        &SHADER,
+        "gelu_backward",
+        &[x.buffer(), dy.buffer(), dx.buffer()],
+        &[n as u32],
+        groups(n),
+    )?;
+    Ok(dx)
+}
+
+/// y = alpha * x. Also its own backward: `dx = scale(dy, alpha)`.
+pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
+    check_f32("scale", "x", x)?;
+    let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    let n = x.numel();
+    x.gpu().dispatch(
+        &SHADER,
+        "scale_forward",
+        &[x.buffer(), y.buffer()],
+        &[n as u32, alpha.to_bits()],
+        groups(n),
+    )?;
+    Ok(y)
+}
+
+/// acc += alpha * x, in place (gradient accumulation). Shapes must match exactly.
+pub fn axpy(acc: &Tensor, alpha: f32, x: &Tensor) -> Result<()> {
+    check_same("axpy", ("acc", acc), ("x", x))?;
+    let n = acc.numel();
+    acc.gpu().dispatch(
+        &SHADER,
+        "axpy_inplace",
+        &[x.buffer(), acc.buffer()],
+        &[n as u32, alpha.to_bits()],
+        groups(n),
+    )
+}
+
+/// acc += x, in place (exactly the f32 sum: `axpy` with alpha = 1).
+pub fn add_assign(acc: &Tensor, x: &Tensor) -> Result<()> {
+    axpy(acc, 1.0, x)
+}
+
 /// CPU references, f64 throughout.
 pub mod reference {
     pub fn gelu(x: &[f32]) -> Vec<f64> {
@@ -56,6 +132,20 @@ pub mod reference {
 
     pub fn gelu_f64(x: f64) -> f64 {
         0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+    }
+
+    /// d gelu / dx = Phi(x) + x phi(x), with Phi from erfc (accurate in the negative tail).
+    pub fn gelu_grad_f64(x: f64) -> f64 {
+        let cdf = 0.5 * libm::erfc(-x / std::f64::consts::SQRT_2);
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        cdf + x * pdf
+    }
+
+    pub fn gelu_backward(x: &[f32], dy: &[f32]) -> Vec<f64> {
+        x.iter()
+            .zip(dy)
+            .map(|(&x, &g)| g as f64 * gelu_grad_f64(x as f64))
+            .collect()
     }
 }
 
@@ -103,6 +193,77 @@ mod tests {
                 assert!(((g as f64 - r) / r).abs() < 2e-6, "gelu({}) = {g}, want {r}", x[i]);
             }
         }
+    }
+
+    #[test]
+    fn gelu_reference_grad_matches_finite_differences() {
+        // Central differences in f64 with h = 1e-6: truncation ~h^2 (third derivative), rounding ~1e-16 / h.
+        let h = 1e-6;
+        for x in [-9.0, -5.0, -2.5, -0.7518, -0.3, 0.0, 1e-4, 0.4, 1.7, 3.0, 6.0] {
+            let fd = (reference::gelu_f64(x + h) - reference::gelu_f64(x - h)) / (2.0 * h);
+            let an = reference::gelu_grad_f64(x);
+            assert!(
+                (fd - an).abs() <= 1e-6 * an.abs().max(1e-3),
+                "x = {x}: fd {fd}, analytic {an}"
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_backward_grad_matches_reference() {
+        let gpu = test_gpu();
+        let mut x = random_vec(4, 10_007, 6.0);
+        x.extend([-12.0, -8.0, -5.0, -3.0, -0.7518, -1e-3, 0.0, 1e-3, 3.0, 5.0, 12.0]);
+        let dy = random_vec(5, x.len(), 2.0);
+        let n = x.len();
+        let dx = gelu_backward(
+            &Tensor::from_slice(gpu, &x, &[n]).unwrap(),
+            &Tensor::from_slice(gpu, &dy, &[n]).unwrap(),
+        )
+        .unwrap()
+        .to_vec()
+        .unwrap();
+        let want = reference::gelu_backward(&x, &dy);
+        assert_close("gelu_backward", &dx, &want, Tol::KERNEL);
+        // Per element, relative to |dy| (the derivative itself is O(1) and crosses zero at x = -0.75).
+        let worst = (0..n)
+            .map(|i| (dx[i] as f64 - want[i]).abs() / (dy[i].abs() as f64).max(1e-30))
+            .fold(0f64, f64::max);
+        eprintln!("gelu_backward: max |err| / |dy| per element = {worst:.3e}");
+        assert!(worst < 1e-6, "gelu_backward: {worst:.3e}");
+        assert!(gelu_backward(
+            &Tensor::from_slice(gpu, &x[..3], &[3]).unwrap(),
+            &Tensor::from_slice(gpu, &dy[..4], &[4]).unwrap()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn scale_and_axpy_match_reference() {
+        let gpu = test_gpu();
+        let n = 5_003;
+        let (a, b) = (random_vec(6, n, 3.0), random_vec(7, n, 3.0));
+        let ta = Tensor::from_slice(gpu, &a, &[n]).unwrap();
+        let tb = Tensor::from_slice(gpu, &b, &[n]).unwrap();
+        let y = scale(&ta, 0.1).unwrap().to_vec().unwrap();
+        let want: Vec<f64> = a.iter().map(|&v| 0.1f32 as f64 * v as f64).collect();
+        assert_close("scale", &y, &want, Tol::KERNEL);
+
+        let acc = Tensor::from_slice(gpu, &a, &[n]).unwrap();
+        axpy(&acc, -2.5, &tb).unwrap();
+        let want: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| x as f64 - 2.5 * y as f64).collect();
+        assert_close("axpy", &acc.to_vec().unwrap(), &want, Tol::KERNEL);
+
+        // add_assign is the exact f32 sum, bit for bit.
+        let acc = Tensor::from_slice(gpu, &a, &[n]).unwrap();
+        add_assign(&acc, &tb).unwrap();
+        let got = acc.to_vec().unwrap();
+        assert!((0..n).all(|i| got[i] == a[i] + b[i]), "add_assign is not the f32 sum");
+
+        let other = Tensor::zeros(gpu, &[n + 1]).unwrap();
+        assert!(add_assign(&acc, &other).is_err());
+        let u = Tensor::from_u32(gpu, &[1, 2], &[2]).unwrap();
+        assert!(scale(&u, 2.0).is_err());
     }
 
     #[test]
