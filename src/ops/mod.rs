@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod conv1d;
+pub mod dropout;
 pub mod elementwise;
 pub mod matmul;
 pub mod norm;
