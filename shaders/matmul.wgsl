@@ -8,6 +8,9 @@
 // cost more than the loads they save, and on GPUs the caches catch the reuse between neighbouring blocks.
 // Rows and columns past the edge are clamped for loading (always in bounds) and skipped when storing.
 //
+// (Backward: dA = dC B^T and dB = A^T dC are the same kernels over swapped strides; only the bias gradient,
+// column sums of dC, has a kernel of its own, linear_backward_bias at the end of this file.)
+//
 // Three entry points share the epilogue and differ only in how they load:
 //   matmul_nt4_forward: A and B both contiguous along k (B is a torch [out, in] weight, or K for Q K^T),
 //                       vec4 loads along k; needs k % 4 == 0 and 16-byte aligned rows.
@@ -22,6 +25,7 @@
 const TILE: u32 = 32u; // rows (and columns) of C per workgroup
 const FLAG_BIAS: u32 = 1u;
 const FLAG_GELU: u32 = 2u;
+const FLAG_ACCUMULATE: u32 = 4u; // add the result to what C holds (attention backward sums over row chunks)
 
 struct MatParams {
     batch: u32,
@@ -43,7 +47,7 @@ struct MatParams {
     tiles_m: u32,
     tiles_n: u32,
     alpha: f32,
-    flags: u32, // FLAG_BIAS | FLAG_GELU
+    flags: u32, // FLAG_BIAS | FLAG_GELU | FLAG_ACCUMULATE
 }
 
 @group(0) @binding(0) var<uniform> mp: MatParams;
@@ -85,7 +89,7 @@ fn block_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
     return vec3<u32>(bt, i0, j0);
 }
 
-// The epilogue for one row of the block: scale, bias, activation, store inside the matrix only.
+// The epilogue for one row of the block: scale, bias, previous C, activation, store inside the matrix only.
 fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
     if (i >= mp.m) {
         return;
@@ -98,10 +102,14 @@ fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
             if ((mp.flags & FLAG_BIAS) != 0u) {
                 v = v + mm_bias[j];
             }
+            let idx = base + j * mp.c_cs;
+            if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
+                v = v + mm_c[idx];
+            }
             if ((mp.flags & FLAG_GELU) != 0u) {
                 v = gelu_exact(v);
             }
-            mm_c[base + j * mp.c_cs] = v;
+            mm_c[idx] = v;
         }
     }
 }
@@ -223,4 +231,45 @@ fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         acc3 = fma(vec4<f32>(mm_a[ar3 + ao]), y, acc3);
     }
     store_block(o, acc0, acc1, acc2, acc3);
+}
+
+// ---- Bias gradient of a linear layer: column sums db[j] = sum_r dy[r, j] over R rows of N. ----
+// Deterministic (no atomics): a workgroup owns CS_COLS adjacent columns (coalesced row reads) and CS_LANES
+// lanes per column; lane l sums rows l, l + CS_LANES, ... in order, then lane 0 adds the lanes' partial sums
+// in lane order. Same inputs, same bits, on every run.
+
+const CS_COLS: u32 = 32u;
+const CS_LANES: u32 = 8u;
+
+struct ColSumParams {
+    rows: u32, // R
+    cols: u32, // N
+}
+
+@group(0) @binding(0) var<uniform> csp: ColSumParams;
+@group(0) @binding(1) var<storage, read> cs_dy: array<f32>;       // (R, N)
+@group(0) @binding(2) var<storage, read_write> cs_db: array<f32>; // (N)
+
+var<workgroup> cs_part: array<f32, 256>; // (CS_LANES, CS_COLS) partial sums
+
+@compute @workgroup_size(256)
+fn linear_backward_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) li: u32) {
+    let c = (wg.x + wg.y * nwg.x) * CS_COLS + li % CS_COLS;
+    let lane = li / CS_COLS;
+    var s = 0.0;
+    if (c < csp.cols) {
+        for (var r = lane; r < csp.rows; r += CS_LANES) {
+            s += cs_dy[r * csp.cols + c];
+        }
+    }
+    cs_part[li] = s;
+    workgroupBarrier();
+    if (lane == 0u && c < csp.cols) {
+        var t = cs_part[li];
+        for (var l = 1u; l < CS_LANES; l++) {
+            t += cs_part[l * CS_COLS + li];
+        }
+        cs_db[c] = t;
+    }
 }

@@ -5,6 +5,7 @@
 pub mod adamw;
 pub mod attention;
 pub mod conv1d;
+pub mod dropout;
 pub mod elementwise;
 pub mod loss;
 pub mod matmul;

@@ -47,3 +47,27 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f64], tol: Tol) {
         tol.rel
     );
 }
+
+/// Checks an analytic gradient of the scalar `loss` at `x` against central finite differences in f64
+/// (step 1e-6 relative to |x_i|, at least 1e-6): max |analytic - fd| / max |fd| must be <= 1e-6 (the
+/// differences are good to ~1e-9 here; a wrong formula is off by O(1)). Printed even when it passes.
+#[track_caller]
+pub fn check_grad_fd(name: &str, analytic: &[f64], x: &[f64], loss: impl Fn(&[f64]) -> f64) {
+    assert_eq!(analytic.len(), x.len(), "{name}: gradient length");
+    let mut xp = x.to_vec();
+    let mut fd = Vec::with_capacity(x.len());
+    for i in 0..x.len() {
+        let h = 1e-6 * x[i].abs().max(1.0);
+        xp[i] = x[i] + h;
+        let up = loss(&xp);
+        xp[i] = x[i] - h;
+        let down = loss(&xp);
+        xp[i] = x[i];
+        fd.push((up - down) / (2.0 * h));
+    }
+    let max_ref = fd.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let max_err = analytic.iter().zip(&fd).fold(0f64, |m, (a, f)| m.max((a - f).abs()));
+    let err = max_err / max_ref;
+    eprintln!("{name}: reference backward vs finite differences: max |err| / max |fd| = {err:.3e}");
+    assert!(err <= 1e-6, "{name}: max |err| / max |fd| = {err:.3e} > 1e-6");
+}
