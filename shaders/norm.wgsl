@@ -62,13 +62,9 @@ fn ln_workgroup_sum(v: f32, li: u32) -> f32 {
     return total;
 }
 
-@compute @workgroup_size(64)
-fn layer_norm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                      @builtin(local_invocation_index) li: u32) {
-    let row = wg.x + wg.y * nwg.x;
-    if (row >= ln_p.rows) {
-        return; // uniform across the workgroup
-    }
+// Normalises one row into ln_y and returns its (mean, rstd). Uniform control flow: called by the whole
+// workgroup.
+fn layer_norm_row(row: u32, li: u32) -> vec2<f32> {
     let c = ln_p.c;
     let base = row * c;
     let shift = ln_x[base];
@@ -90,6 +86,34 @@ fn layer_norm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
             v = gelu_exact(v);
         }
         ln_y[base + i] = v;
+    }
+    return vec2<f32>(shift + d, rstd);
+}
+
+@compute @workgroup_size(64)
+fn layer_norm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) li: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if (row >= ln_p.rows) {
+        return; // uniform across the workgroup
+    }
+    layer_norm_row(row, li);
+}
+
+// The training forward also saves each row's (mean, rstd) for layer_norm_backward (gelu must be 0).
+@group(0) @binding(5) var<storage, read_write> ln_stats: array<f32>;  // (R, 2): mean, rstd
+
+@compute @workgroup_size(64)
+fn layer_norm_train_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) li: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if (row >= ln_p.rows) {
+        return; // uniform across the workgroup
+    }
+    let stats = layer_norm_row(row, li);
+    if (li == 0u) {
+        ln_stats[2u * row] = stats.x;
+        ln_stats[2u * row + 1u] = stats.y;
     }
 }
 
@@ -238,4 +262,204 @@ fn normalize_channels_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num
         v = gelu_exact(v);
     }
     nc_y[i] = v;
+}
+
+// =========================================================================================================
+// Backward. With xhat = (x - mean) * rstd, y = xhat * gamma + beta and dy = dL/dy, over the n values that
+// share one (mean, rstd) (a row of C for LayerNorm, a channel's T frames for group norm):
+//   dx = rstd * (gamma dy - mean(gamma dy) - xhat * mean(gamma dy * xhat))
+//   dgamma[c] = sum of dy * xhat,  dbeta[c] = sum of dy   (over every row / batch row and frame)
+// The parameter gradients are reduced without atomics: fixed chunks of rows (frames) give partial sums, which
+// a second pass adds in chunk order, so results are reproducible for a given shape.
+
+// ---------------------------------------------------------------------------------------------------------
+// LayerNorm dx: one workgroup per row, both means in one tree reduction.
+
+struct LnbParams {
+    rows: u32,
+    c: u32,
+}
+
+@group(0) @binding(0) var<uniform> lnb_p: LnbParams;
+@group(0) @binding(1) var<storage, read> lnb_dy: array<f32>;         // (R, C)
+@group(0) @binding(2) var<storage, read> lnb_x: array<f32>;          // (R, C)
+@group(0) @binding(3) var<storage, read> lnb_stats: array<f32>;      // (R, 2): mean, rstd
+@group(0) @binding(4) var<storage, read> lnb_gamma: array<f32>;      // (C)
+@group(0) @binding(5) var<storage, read_write> lnb_dx: array<f32>;   // (R, C)
+
+var<workgroup> lnb_red: array<vec2<f32>, LN_WG>;
+
+@compute @workgroup_size(64)
+fn layer_norm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) li: u32) {
+    let row = wg.x + wg.y * nwg.x;
+    if (row >= lnb_p.rows) {
+        return; // uniform across the workgroup
+    }
+    let c = lnb_p.c;
+    let base = row * c;
+    let mean = lnb_stats[2u * row];
+    let rstd = lnb_stats[2u * row + 1u];
+    var s = vec2<f32>(0.0);
+    for (var i = li; i < c; i += LN_WG) {
+        let xhat = (lnb_x[base + i] - mean) * rstd;
+        let dn = lnb_dy[base + i] * lnb_gamma[i];
+        s += vec2<f32>(dn, dn * xhat);
+    }
+    lnb_red[li] = s;
+    workgroupBarrier();
+    for (var h = LN_WG / 2u; h > 0u; h >>= 1u) {
+        if (li < h) {
+            lnb_red[li] += lnb_red[li + h];
+        }
+        workgroupBarrier();
+    }
+    let m = lnb_red[0] / f32(c);
+    for (var i = li; i < c; i += LN_WG) {
+        let xhat = (lnb_x[base + i] - mean) * rstd;
+        let dn = lnb_dy[base + i] * lnb_gamma[i];
+        lnb_dx[base + i] = (dn - m.x - xhat * m.y) * rstd;
+    }
+}
+
+// LayerNorm dgamma / dbeta partials: one invocation per (chunk of rows, channel), adjacent invocations on
+// adjacent channels; it sums its chunk's rows in order.
+
+struct LnpParams {
+    rows: u32,
+    c: u32,
+    rows_per_chunk: u32,
+    n_chunks: u32,
+    n_wg_c: u32,  // ceil(C / 64)
+}
+
+@group(0) @binding(0) var<uniform> lnp_p: LnpParams;
+@group(0) @binding(1) var<storage, read> lnp_dy: array<f32>;           // (R, C)
+@group(0) @binding(2) var<storage, read> lnp_x: array<f32>;            // (R, C)
+@group(0) @binding(3) var<storage, read> lnp_stats: array<f32>;        // (R, 2): mean, rstd
+@group(0) @binding(4) var<storage, read_write> lnp_part: array<f32>;   // (n_chunks, 2, C): dgamma, dbeta
+
+@compute @workgroup_size(64)
+fn layer_norm_backward_params(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) li: u32) {
+    let wid = wg.x + wg.y * nwg.x;
+    let c = (wid % lnp_p.n_wg_c) * 64u + li;
+    let chunk = wid / lnp_p.n_wg_c;
+    if (c >= lnp_p.c || chunk >= lnp_p.n_chunks) {
+        return;
+    }
+    let r0 = chunk * lnp_p.rows_per_chunk;
+    let r1 = min(lnp_p.rows, r0 + lnp_p.rows_per_chunk);
+    var dg = 0.0;
+    var db = 0.0;
+    for (var r = r0; r < r1; r++) {
+        let i = r * lnp_p.c + c;
+        let d = lnp_dy[i];
+        dg += d * (lnp_x[i] - lnp_stats[2u * r]) * lnp_stats[2u * r + 1u];
+        db += d;
+    }
+    let o = chunk * 2u * lnp_p.c + c;
+    lnp_part[o] = dg;
+    lnp_part[o + lnp_p.c] = db;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Second stage of the reductions: out[b, i] = sum over chunks k, in order, of part[b, k, i].
+
+struct SumParams {
+    batch: u32,
+    n_chunks: u32,
+    w: u32,  // values per chunk
+}
+
+@group(0) @binding(0) var<uniform> sum_p: SumParams;
+@group(0) @binding(1) var<storage, read> sum_part: array<f32>;        // (B, n_chunks, W)
+@group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;   // (B, W)
+
+@compute @workgroup_size(64)
+fn norm_backward_sum_chunks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + li;
+    if (i >= sum_p.batch * sum_p.w) {
+        return;
+    }
+    let b = i / sum_p.w;
+    let first = b * sum_p.n_chunks * sum_p.w + i % sum_p.w;
+    var s = 0.0;
+    for (var k = 0u; k < sum_p.n_chunks; k++) {
+        s += sum_part[first + k * sum_p.w];
+    }
+    sum_out[i] = s;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Group norm over time, partial sums: one invocation per (b, chunk of CH frames, channel) stores the chunk's
+// (sum dy * xhat, sum dy), as moments_partial does for the forward.
+
+@group(0) @binding(0) var<uniform> gnp_p: MomParams;
+@group(0) @binding(1) var<storage, read> gnp_dy: array<f32>;           // (B, T, C)
+@group(0) @binding(2) var<storage, read> gnp_x: array<f32>;            // (B, T, C)
+@group(0) @binding(3) var<storage, read> gnp_mr: array<f32>;           // (B, 2, C): mean, rstd
+@group(0) @binding(4) var<storage, read_write> gnp_part: array<f32>;   // (B, n_chunks, 2, C)
+
+@compute @workgroup_size(64)
+fn group_norm_time_backward_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                    @builtin(local_invocation_index) li: u32) {
+    let wid = wg.x + wg.y * nwg.x;
+    let c = (wid % gnp_p.n_wg_c) * 64u + li;
+    let r = wid / gnp_p.n_wg_c;
+    let chunk = r % gnp_p.n_chunks;
+    let b = r / gnp_p.n_chunks;
+    if (c >= gnp_p.c || b >= gnp_p.batch) {
+        return;
+    }
+    let o = b * 2u * gnp_p.c + c;
+    let mean = gnp_mr[o];
+    let rstd = gnp_mr[o + gnp_p.c];
+    let t0 = chunk * gnp_p.chunk;
+    let t1 = min(gnp_p.t, t0 + gnp_p.chunk);
+    var dg = 0.0;
+    var db = 0.0;
+    for (var t = t0; t < t1; t++) {
+        let i = (b * gnp_p.t + t) * gnp_p.c + c;
+        let d = gnp_dy[i];
+        dg += d * (gnp_x[i] - mean) * rstd;
+        db += d;
+    }
+    let p = (b * gnp_p.n_chunks + chunk) * 2u * gnp_p.c + c;
+    gnp_part[p] = dg;
+    gnp_part[p + gnp_p.c] = db;
+}
+
+// Group norm dx, one invocation per element: dx = rstd gamma (dy - sum(dy) / T - xhat sum(dy xhat) / T)
+// with the per-(b, c) sums from the partials.
+
+struct GnbParams {
+    n: u32,  // B * T * C
+    t: u32,
+    c: u32,
+}
+
+@group(0) @binding(0) var<uniform> gnb_p: GnbParams;
+@group(0) @binding(1) var<storage, read> gnb_dy: array<f32>;         // (B, T, C)
+@group(0) @binding(2) var<storage, read> gnb_x: array<f32>;          // (B, T, C)
+@group(0) @binding(3) var<storage, read> gnb_mr: array<f32>;         // (B, 2, C): mean, rstd
+@group(0) @binding(4) var<storage, read> gnb_gamma: array<f32>;      // (C)
+@group(0) @binding(5) var<storage, read> gnb_sums: array<f32>;       // (B, 2, C): sum dy xhat, sum dy
+@group(0) @binding(6) var<storage, read_write> gnb_dx: array<f32>;   // (B, T, C)
+
+@compute @workgroup_size(256)
+fn group_norm_time_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                  @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li;
+    if (i >= gnb_p.n) {
+        return;
+    }
+    let c = i % gnb_p.c;
+    let b = i / (gnb_p.t * gnb_p.c);
+    let o = b * 2u * gnb_p.c + c;
+    let rstd = gnb_mr[o + gnb_p.c];
+    let xhat = (gnb_x[i] - gnb_mr[o]) * rstd;
+    let inv_t = 1.0 / f32(gnb_p.t);
+    gnb_dx[i] = rstd * gnb_gamma[c] * (gnb_dy[i] - gnb_sums[o + gnb_p.c] * inv_t - xhat * gnb_sums[o] * inv_t);
 }

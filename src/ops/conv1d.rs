@@ -6,6 +6,10 @@
 //! with `T_out = (T + 2 * padding - K) / stride + 1` (zero padding on both sides). The kernel is an implicit
 //! GEMM (no im2col buffer) over a weight repacked to `[groups, K, C_in / groups, C_out / groups]` (channel
 //! blocks padded to 4); [`Conv1dWeight::pack`] does that once, [`conv1d`] does it on every call.
+//!
+//! Training: [`conv1d_backward`] gives dx (a gather-form transposed conv), dw (a GEMM over the B * T_out rows,
+//! reduced in row splits whose partials a second pass adds in order) and db, all deterministic (no atomics).
+//! Where the pre-activation is needed, training runs [`conv1d`] then a separate GELU (no fused backward).
 
 use anyhow::{bail, ensure, Result};
 
@@ -197,6 +201,211 @@ pub fn conv1d_packed(
     Ok(y)
 }
 
+/// Rows (b, t_out) per split of the dw reduction at least, so that each partial amortises its store.
+const DW_MIN_ROWS: usize = 64;
+/// Workgroups the dw kernel aims for: when the output alone gives fewer (layer 0: 512 x 10 weights), the
+/// rows are split to keep the GPU busy.
+const DW_TARGET_WG: usize = 1024;
+/// Rows per split of the db reduction.
+const DB_ROWS: usize = 256;
+
+/// Gradients of [`conv1d`]: `dx` `[B, T, C_in]` (when asked for), `dw` `[C_out, C_in / groups, K]` (torch
+/// layout, like the weight), `db` `[C_out]`.
+#[derive(Debug)]
+pub struct Conv1dGrads {
+    pub dx: Option<Tensor>,
+    pub dw: Tensor,
+    pub db: Tensor,
+}
+
+/// Backward of `y = conv1d(x, w) + b`: given `dy` `[B, T_out, C_out]`, the forward's input `x` `[B, T, C_in]`
+/// and torch-layout weight `w` `[C_out, C_in / groups, K]` (not a [`Conv1dWeight`]: the backward needs the
+/// weight transposed per tap, which it packs itself), returns fresh gradient tensors. `need_dx = false` skips
+/// dx (feature-encoder layer 0, whose input is the waveform). Deterministic: no atomics, fixed reduction
+/// order for a given shape.
+pub fn conv1d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    need_dx: bool,
+) -> Result<Conv1dGrads> {
+    let op = "conv1d_backward";
+    let &[batch, t, c_in] = x.shape() else {
+        bail!("{op}: input must be [B, T, C_in], got {:?}", x.shape());
+    };
+    let &[c_out, cg_in, k] = w.shape() else {
+        bail!("{op}: weight must be [C_out, C_in/groups, K], got {:?}", w.shape());
+    };
+    for (what, tensor) in [("dy", dy), ("input", x), ("weight", w)] {
+        ensure!(
+            tensor.dtype() == DType::F32,
+            "{op}: {what} must be f32, got {:?}",
+            tensor.dtype()
+        );
+        ensure!(
+            tensor.numel() < u32::MAX as usize,
+            "{op}: {what} {:?} is beyond 2^32 elements (32-bit indexing); split it in time",
+            tensor.shape()
+        );
+    }
+    ensure!(groups > 0, "{op}: groups must be at least 1");
+    ensure!(c_out > 0 && cg_in > 0 && k > 0, "{op}: empty weight {:?}", w.shape());
+    ensure!(
+        c_out % groups == 0,
+        "{op}: C_out = {c_out} is not divisible by groups = {groups}"
+    );
+    ensure!(
+        c_in == cg_in * groups,
+        "{op}: input has {c_in} channels but the weight expects {} ({groups} groups x {cg_in})",
+        cg_in * groups
+    );
+    let t_out = conv1d_output_len(t, k, stride, padding)?;
+    ensure!(
+        dy.shape() == [batch, t_out, c_out],
+        "{op}: dy must be [{batch}, {t_out}, {c_out}] (the output of input {:?}, weight {:?}, stride {stride}, \
+         padding {padding}), got {:?}",
+        x.shape(),
+        w.shape(),
+        dy.shape()
+    );
+    let gpu = x.gpu();
+    let cg_out = c_out / groups;
+    let dw = Tensor::empty(gpu, &[c_out, cg_in, k], DType::F32)?;
+    let db = Tensor::empty(gpu, &[c_out], DType::F32)?;
+    let dx = need_dx
+        .then(|| Tensor::empty(gpu, &[batch, t, c_in], DType::F32))
+        .transpose()?;
+    if batch == 0 {
+        dw.fill(0.0)?;
+        db.fill(0.0)?;
+        return Ok(Conv1dGrads { dx, dw, db });
+    }
+    let rows = batch * t_out;
+    let sum_splits = |part: &Tensor, out: &Tensor, n: usize, n_split: usize| {
+        gpu.dispatch(
+            &SHADER,
+            "conv1d_backward_sum_splits",
+            &[part.buffer(), out.buffer()],
+            &[n as u32, n_split as u32],
+            n.div_ceil(256) as u32,
+        )
+    };
+
+    // dx: pack the weight per tap as (G, K, Cg_out, Cg_in_pad), then gather.
+    if let Some(dx) = &dx {
+        let cg_in_pad = cg_in.div_ceil(BLOCK) * BLOCK;
+        let n = groups * k * cg_out * cg_in_pad;
+        let wt = Tensor::empty(gpu, &[groups, k, cg_out, cg_in_pad], DType::F32)?;
+        gpu.dispatch(
+            &SHADER,
+            "conv1d_backward_pack_weight",
+            &[w.buffer(), wt.buffer()],
+            &[n as u32, k as u32, cg_in as u32, cg_out as u32, cg_in_pad as u32],
+            n.div_ceil(256) as u32,
+        )?;
+        let cib_per_group = cg_in_pad / BLOCK;
+        let n_cib = groups * cib_per_group;
+        let mb_per_phase = t.div_ceil(stride).div_ceil(BLOCK);
+        let n_fb = batch * stride * mb_per_phase;
+        let n_wg_cb = n_cib.div_ceil(WG_CB);
+        let params = [
+            batch,
+            t,
+            c_in,
+            t_out,
+            c_out,
+            k,
+            stride,
+            padding,
+            cg_in,
+            cg_out,
+            cib_per_group,
+            n_cib,
+            mb_per_phase,
+            n_fb,
+            n_wg_cb,
+        ]
+        .map(|v| v as u32);
+        gpu.dispatch(
+            &SHADER,
+            "conv1d_backward_input",
+            &[dy.buffer(), wt.buffer(), dx.buffer()],
+            &params,
+            (n_wg_cb * n_fb.div_ceil(WG_FB)) as u32,
+        )?;
+    }
+
+    // dw: row splits of the GEMM, then their sum (skipped with one split, which stores into dw directly).
+    let n_cols = k * cg_in;
+    let cb_per_group = cg_out.div_ceil(BLOCK);
+    let n_cb = groups * cb_per_group;
+    let n_wg_cb = n_cb.div_ceil(WG_CB);
+    let n_wg_col = n_cols.div_ceil(BLOCK * WG_FB);
+    let n_wg = n_wg_cb * n_wg_col;
+    let per_split_bytes = (c_out * n_cols * 4) as u64;
+    let max_split_mem = (gpu.max_binding_bytes() / per_split_bytes).max(1) as usize;
+    let max_split = rows.div_ceil(DW_MIN_ROWS).min(max_split_mem).max(1);
+    let rows_per_split = rows.div_ceil(DW_TARGET_WG.div_ceil(n_wg).clamp(1, max_split));
+    let n_split = rows.div_ceil(rows_per_split);
+    let dw_part = if n_split > 1 {
+        Tensor::empty(gpu, &[n_split, c_out, cg_in, k], DType::F32)?
+    } else {
+        dw.clone()
+    };
+    let params = [
+        t,
+        c_in,
+        t_out,
+        c_out,
+        k,
+        stride,
+        padding,
+        cg_in,
+        cg_out,
+        n_cols,
+        cb_per_group,
+        n_cb,
+        n_wg_cb,
+        n_wg_col,
+        rows,
+        rows_per_split,
+        n_split,
+    ]
+    .map(|v| v as u32);
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_backward_weight",
+        &[dy.buffer(), x.buffer(), dw_part.buffer()],
+        &params,
+        (n_wg * n_split) as u32,
+    )?;
+    if n_split > 1 {
+        sum_splits(&dw_part, &dw, c_out * n_cols, n_split)?;
+    }
+
+    // db: column sums of dy, in the same two stages.
+    let db_split = rows.div_ceil(DB_ROWS);
+    let db_part = if db_split > 1 {
+        Tensor::empty(gpu, &[db_split, c_out], DType::F32)?
+    } else {
+        db.clone()
+    };
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_backward_bias",
+        &[dy.buffer(), db_part.buffer()],
+        &[c_out, rows, DB_ROWS, db_split].map(|v| v as u32),
+        (db_split * c_out).div_ceil(64) as u32,
+    )?;
+    if db_split > 1 {
+        sum_splits(&db_part, &db, c_out, db_split)?;
+    }
+    Ok(Conv1dGrads { dx, dw, db })
+}
+
 /// CPU references, f64 accumulation.
 pub mod reference {
     use crate::ops::elementwise::reference::gelu_f64;
@@ -214,6 +423,37 @@ pub mod reference {
         groups: usize,
         gelu: bool,
     ) -> Vec<f64> {
+        let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let bias = bias.map(f);
+        let y = conv1d_f64(
+            &f(x),
+            [b, t, c_in],
+            &f(w),
+            [c_out, cg_in, k],
+            bias.as_deref(),
+            stride,
+            padding,
+            groups,
+        );
+        if gelu {
+            y.into_iter().map(gelu_f64).collect()
+        } else {
+            y
+        }
+    }
+
+    /// The convolution on f64 inputs (the oracle of the finite-difference gradient tests).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d_f64(
+        x: &[f64],
+        [b, t, c_in]: [usize; 3],
+        w: &[f64],
+        [c_out, cg_in, k]: [usize; 3],
+        bias: Option<&[f64]>,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Vec<f64> {
         assert_eq!(cg_in * groups, c_in);
         let cg_out = c_out / groups;
         let t_out = (t + 2 * padding - k) / stride + 1;
@@ -222,7 +462,7 @@ pub mod reference {
             for to in 0..t_out {
                 for co in 0..c_out {
                     let g = co / cg_out;
-                    let mut acc = bias.map_or(0.0, |bb| bb[co] as f64);
+                    let mut acc = bias.map_or(0.0, |bb| bb[co]);
                     for kk in 0..k {
                         let tin = (to * stride + kk) as isize - padding as isize;
                         if tin < 0 || tin >= t as isize {
@@ -230,14 +470,56 @@ pub mod reference {
                         }
                         let xrow = (bi * t + tin as usize) * c_in + g * cg_in;
                         for ci in 0..cg_in {
-                            acc += x[xrow + ci] as f64 * w[(co * cg_in + ci) * k + kk] as f64;
+                            acc += x[xrow + ci] * w[(co * cg_in + ci) * k + kk];
                         }
                     }
-                    y[(bi * t_out + to) * c_out + co] = if gelu { gelu_f64(acc) } else { acc };
+                    y[(bi * t_out + to) * c_out + co] = acc;
                 }
             }
         }
         y
+    }
+
+    /// Gradients (dx `[b, t, c_in]`, dw `[c_out, cg_in, k]`, db `[c_out]`) of `sum(dy * conv1d(x, w) + b)`,
+    /// written directly from the forward's index relation (each term's contribution scattered back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d_backward(
+        dy: &[f64],
+        x: &[f64],
+        [b, t, c_in]: [usize; 3],
+        w: &[f64],
+        [c_out, cg_in, k]: [usize; 3],
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        assert_eq!(cg_in * groups, c_in);
+        let cg_out = c_out / groups;
+        let t_out = (t + 2 * padding - k) / stride + 1;
+        assert_eq!(dy.len(), b * t_out * c_out);
+        let (mut dx, mut dw, mut db) = (vec![0f64; x.len()], vec![0f64; w.len()], vec![0f64; c_out]);
+        for bi in 0..b {
+            for to in 0..t_out {
+                for co in 0..c_out {
+                    let g = co / cg_out;
+                    let d = dy[(bi * t_out + to) * c_out + co];
+                    db[co] += d;
+                    for kk in 0..k {
+                        let tin = (to * stride + kk) as isize - padding as isize;
+                        if tin < 0 || tin >= t as isize {
+                            continue;
+                        }
+                        let xrow = (bi * t + tin as usize) * c_in + g * cg_in;
+                        for ci in 0..cg_in {
+                            let wi = (co * cg_in + ci) * k + kk;
+                            dx[xrow + ci] += d * w[wi];
+                            dw[wi] += d * x[xrow + ci];
+                        }
+                    }
+                }
+            }
+        }
+        (dx, dw, db)
     }
 }
 
@@ -245,7 +527,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, random_vec, Tol};
+    use crate::ops::testing::{assert_close, assert_close_f64, central_differences, dot_f64, random_vec, to_f64, Tol};
 
     #[test]
     fn hand_checked_strided_padded_case() {
@@ -363,6 +645,161 @@ mod tests {
     }
 
     #[test]
+    fn grad_hand_checked_strided_padded_case() {
+        // The forward case above with dy = [1 10 100]: y0 = 1 w1, y1 = 2 w0 + 3 w1, y2 = 4 w0 + 5 w1 (+ b).
+        let gpu = test_gpu();
+        let x = Tensor::from_slice(gpu, &[1., 2., 3., 4., 5.], &[1, 5, 1]).unwrap();
+        let w = Tensor::from_slice(gpu, &[1., 2.], &[1, 1, 2]).unwrap();
+        let dy = Tensor::from_slice(gpu, &[1., 10., 100.], &[1, 3, 1]).unwrap();
+        let g = conv1d_backward(&dy, &x, &w, 2, 1, 1, true).unwrap();
+        assert_eq!(g.dw.shape(), [1, 1, 2]);
+        assert_eq!(g.dw.to_vec().unwrap(), [420., 531.]);
+        assert_eq!(g.db.to_vec().unwrap(), [111.]);
+        assert_eq!(g.dx.unwrap().to_vec().unwrap(), [2., 10., 20., 100., 200.]);
+    }
+
+    /// (B, T, C_in, C_out, K, stride, padding, groups)
+    type GradCase = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    fn grad_cases() -> Vec<(&'static str, GradCase)> {
+        vec![
+            ("layer0-like", (2, 53, 1, 5, 10, 5, 0, 1)),
+            ("stride2 k3", (2, 13, 4, 3, 3, 2, 0, 1)),
+            ("stride2 k2 pad", (1, 10, 3, 5, 2, 2, 1, 1)),
+            ("grouped k4 pad", (2, 9, 6, 4, 4, 1, 2, 2)),
+            ("stride3 k7 grouped", (1, 17, 6, 9, 7, 3, 2, 3)),
+            ("k > t", (1, 3, 2, 3, 7, 1, 3, 1)),
+            ("stride5 k4 < s", (2, 21, 3, 2, 4, 5, 3, 1)),
+        ]
+    }
+
+    #[test]
+    fn conv1d_reference_grad_matches_finite_differences() {
+        for (i, (name, (b, t, c_in, c_out, k, s, p, g))) in grad_cases().into_iter().enumerate() {
+            let seed = 300 + 10 * i as u64;
+            let cg_in = c_in / g;
+            let t_out = (t + 2 * p - k) / s + 1;
+            let xs = [b, t, c_in];
+            let ws = [c_out, cg_in, k];
+            let x = to_f64(&random_vec(seed, b * t * c_in, 1.0));
+            let w = to_f64(&random_vec(seed + 1, c_out * cg_in * k, 0.5));
+            let bias = to_f64(&random_vec(seed + 2, c_out, 0.5));
+            let dy = to_f64(&random_vec(seed + 3, b * t_out * c_out, 1.0));
+            let loss = |x: &[f64], w: &[f64], bias: &[f64]| {
+                dot_f64(&dy, &reference::conv1d_f64(x, xs, w, ws, Some(bias), s, p, g))
+            };
+            let (dx, dw, db) = reference::conv1d_backward(&dy, &x, xs, &w, ws, s, p, g);
+            let h = 1e-6;
+            let fx = central_differences(&x, h, |v| loss(v, &w, &bias));
+            let fw = central_differences(&w, h, |v| loss(&x, v, &bias));
+            let fb = central_differences(&bias, h, |v| loss(&x, &w, v));
+            assert_close_f64(&format!("{name} ref dx vs fd"), &dx, &fx, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} ref dw vs fd"), &dw, &fw, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} ref db vs fd"), &db, &fb, Tol::FINITE_DIFF);
+        }
+    }
+
+    fn check_grad(name: &str, seed: u64, case: GradCase, need_dx: bool) -> Conv1dGrads {
+        let (b, t, c_in, c_out, k, s, p, g) = case;
+        let gpu = test_gpu();
+        let cg_in = c_in / g;
+        let t_out = (t + 2 * p - k) / s + 1;
+        let xv = random_vec(seed, b * t * c_in, 1.0);
+        let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
+        let dyv = random_vec(seed + 2, b * t_out * c_out, 1.0);
+        let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+        let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
+        let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
+        let grads = conv1d_backward(&dy, &x, &w, s, p, g, need_dx).unwrap();
+        let (dx, dw, db) = reference::conv1d_backward(
+            &to_f64(&dyv),
+            &to_f64(&xv),
+            [b, t, c_in],
+            &to_f64(&wv),
+            [c_out, cg_in, k],
+            s,
+            p,
+            g,
+        );
+        assert_eq!(grads.dw.shape(), [c_out, cg_in, k], "{name}");
+        assert_eq!(grads.db.shape(), [c_out], "{name}");
+        assert_close(&format!("{name} dw"), &grads.dw.to_vec().unwrap(), &dw, Tol::KERNEL);
+        assert_close(&format!("{name} db"), &grads.db.to_vec().unwrap(), &db, Tol::KERNEL);
+        match &grads.dx {
+            Some(gdx) => {
+                assert!(need_dx, "{name}: dx computed although not asked for");
+                assert_eq!(gdx.shape(), [b, t, c_in], "{name}");
+                assert_close(&format!("{name} dx"), &gdx.to_vec().unwrap(), &dx, Tol::KERNEL);
+            }
+            None => assert!(!need_dx, "{name}: dx missing"),
+        }
+        grads
+    }
+
+    #[test]
+    fn conv1d_grad_matches_reference() {
+        let mut cases = grad_cases();
+        cases.extend([
+            ("stride2 k3 wider", (2, 61, 12, 10, 3, 2, 0, 1)),
+            ("grouped cg_in 3 k5", (1, 37, 15, 10, 5, 1, 2, 5)),
+            ("odd channels stride3", (2, 40, 5, 7, 7, 3, 2, 1)),
+            // Positional conv in miniature: 16 groups, K even, padding K/2.
+            ("pos-conv-like", (1, 33, 48, 48, 16, 1, 8, 16)),
+            ("pos-conv-like b2", (2, 20, 32, 32, 8, 1, 4, 16)),
+        ]);
+        for (i, (name, case)) in cases.into_iter().enumerate() {
+            check_grad(name, 500 + 10 * i as u64, case, true);
+        }
+        // Layer 0 as training calls it: no gradient for the waveform.
+        check_grad("layer0-like no dx", 600, (2, 103, 1, 13, 10, 5, 0, 1), false);
+    }
+
+    #[test]
+    fn conv1d_grad_long_reductions_match_reference() {
+        // dw over 1000 rows (several splits) and dx over 40 x 3 / 2 terms; layer 0 over 2 x 399 rows
+        // (many splits: its 13 x 10 weights alone give one workgroup); the positional conv's K = 128,
+        // 16 groups. Values are O(1) and f32 rounding ~ sqrt(terms) 2^-24; KERNEL holds.
+        check_grad("c64 k3 s2 t1001", 700, (2, 1001, 64, 40, 3, 2, 0, 1), true);
+        check_grad("layer0 t2003", 710, (2, 2003, 1, 13, 10, 5, 0, 1), false);
+        check_grad("pos k128 g16", 720, (1, 70, 96, 96, 128, 1, 64, 16), true);
+    }
+
+    #[test]
+    fn conv1d_grad_is_deterministic() {
+        let case = (2, 1001, 64, 40, 3, 2, 0, 1);
+        let a = check_grad("determinism run 1", 800, case, true);
+        let b = check_grad("determinism run 2", 800, case, true);
+        for (what, x, y) in [
+            ("dw", &a.dw, &b.dw),
+            ("db", &a.db, &b.db),
+            ("dx", a.dx.as_ref().unwrap(), b.dx.as_ref().unwrap()),
+        ] {
+            let (x, y) = (x.to_vec().unwrap(), y.to_vec().unwrap());
+            assert!(
+                x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{what} differs between runs"
+            );
+        }
+    }
+
+    #[test]
+    fn grad_bad_shapes_are_clear_errors() {
+        let gpu = test_gpu();
+        let x = Tensor::zeros(gpu, &[1, 8, 4]).unwrap();
+        let w = Tensor::zeros(gpu, &[6, 2, 3]).unwrap();
+        let dy = Tensor::zeros(gpu, &[1, 6, 6]).unwrap();
+        let err = |r: Result<Conv1dGrads>| r.unwrap_err().to_string();
+        assert!(conv1d_backward(&dy, &x, &w, 1, 0, 2, true).is_ok());
+        let e = err(conv1d_backward(&dy, &x, &w, 2, 0, 2, true));
+        assert!(e.contains("dy must be [1, 3, 6]"), "{e}");
+        assert!(err(conv1d_backward(&dy, &x, &w, 1, 0, 1, true)).contains("channels"));
+        assert!(err(conv1d_backward(&dy, &x, &w, 1, 0, 4, true)).contains("divisible"));
+        assert!(err(conv1d_backward(&dy, &x, &w, 0, 0, 2, true)).contains("stride"));
+        let flat = Tensor::zeros(gpu, &[32]).unwrap();
+        assert!(err(conv1d_backward(&dy, &flat, &w, 1, 0, 2, true)).contains("[B, T, C_in]"));
+    }
+
+    #[test]
     fn bad_shapes_are_clear_errors() {
         let gpu = test_gpu();
         let x = Tensor::zeros(gpu, &[1, 4, 6]).unwrap();
@@ -443,6 +880,67 @@ mod timing {
                 cpu * 1e3,
                 flops / dt / 1e9
             );
+        }
+    }
+
+    /// Backward at wav2vec2-base shapes, one batch row:
+    /// `cargo test --release --lib conv1d_grad_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn conv1d_grad_timing() {
+        let gpu = test_gpu();
+        let cases = [
+            (
+                "layer1 T_out=3199",
+                6399usize,
+                512usize,
+                512usize,
+                3usize,
+                2usize,
+                0usize,
+                1usize,
+            ),
+            ("layer0 T_out=6399 (2 s)", 32000, 1, 512, 10, 5, 0, 1),
+            ("pos conv T=99", 99, 768, 768, 128, 1, 64, 16),
+        ];
+        for (name, t, c_in, c_out, k, s, p, g) in cases {
+            let t_out = (t + 2 * p - k) / s + 1;
+            let x = Tensor::from_slice(gpu, &random_vec(1, t * c_in, 1.0), &[1, t, c_in]).unwrap();
+            let w = Tensor::from_slice(gpu, &random_vec(2, c_out * c_in / g * k, 0.1), &[c_out, c_in / g, k]).unwrap();
+            let dy = Tensor::from_slice(gpu, &random_vec(3, t_out * c_out, 1.0), &[1, t_out, c_out]).unwrap();
+            let flops = 2.0 * (t_out * c_out * (c_in / g) * k) as f64;
+            // (wall, CPU) seconds of one call, the faster of 2; CPU time is the steadier figure on a shared
+            // machine. dx is timed as (everything) - (dw + db).
+            let time = |need_dx: bool| {
+                conv1d_backward(&dy, &x, &w, s, p, g, need_dx).unwrap();
+                gpu.sync().unwrap();
+                let mut best = (f64::MAX, f64::MAX);
+                for _ in 0..2 {
+                    let (start, cpu0) = (std::time::Instant::now(), cpu_seconds());
+                    conv1d_backward(&dy, &x, &w, s, p, g, need_dx).unwrap();
+                    gpu.sync().unwrap();
+                    best.0 = best.0.min(start.elapsed().as_secs_f64());
+                    best.1 = best.1.min(cpu_seconds() - cpu0);
+                }
+                best
+            };
+            let dw = time(false);
+            eprintln!(
+                "{name}: dw+db {:.0} ms wall, {:.0} ms CPU ({:.2} GFLOP/s wall)",
+                dw.0 * 1e3,
+                dw.1 * 1e3,
+                flops / dw.0 / 1e9
+            );
+            if c_in > 1 {
+                let all = time(true);
+                eprintln!(
+                    "{name}: dx+dw+db {:.0} ms wall, {:.0} ms CPU; dx ~ {:.0} ms wall, {:.0} ms CPU",
+                    all.0 * 1e3,
+                    all.1 * 1e3,
+                    (all.0 - dw.0) * 1e3,
+                    (all.1 - dw.1) * 1e3
+                );
+            }
         }
     }
 }

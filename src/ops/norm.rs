@@ -14,6 +14,11 @@
 //!
 //! [`group_norm_time`] is the same pipeline on one tensor, on the GPU only:
 //! `channel_moments` -> [`moments_to_mean_rstd`] -> [`normalize_channels`].
+//!
+//! Training: [`layer_norm_train`] / [`group_norm_time_train`] also return the (mean, rstd) they normalised
+//! with; [`layer_norm_backward`] / [`group_norm_time_backward`] read them (never recompute) and return fresh
+//! `(dx, dgamma, dbeta)`. Every reduction (over a row, over time, over rows for dgamma / dbeta) runs in fixed
+//! chunks whose partials are added in order: no atomics, reproducible for a given shape.
 
 use anyhow::{bail, ensure, Result};
 
@@ -199,6 +204,204 @@ fn group_norm_time_impl(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, gel
     normalize_channels(x, &mean_rstd, gamma, beta, gelu)
 }
 
+/// Rows per chunk of the LayerNorm dgamma / dbeta reduction.
+const LN_PARAM_ROWS: usize = 64;
+
+/// The training forward of [`layer_norm`]: also returns `[rows, 2]` = (mean, rstd) per row for
+/// [`layer_norm_backward`] (`rows` = all dims of `x` but the last).
+pub fn layer_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let Some(&c) = x.shape().last() else {
+        bail!("layer_norm_train: input must have at least one dim, got a scalar");
+    };
+    ensure!(
+        c > 0,
+        "layer_norm_train: cannot normalise over an empty last dim ({:?})",
+        x.shape()
+    );
+    check_f32("layer_norm_train", "input", x)?;
+    check_affine("layer_norm_train", c, gamma, beta)?;
+    let rows = x.numel() / c;
+    let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    let stats = Tensor::empty(x.gpu(), &[rows, 2], DType::F32)?;
+    x.gpu().dispatch(
+        &SHADER,
+        "layer_norm_train_forward",
+        &[x.buffer(), gamma.buffer(), beta.buffer(), y.buffer(), stats.buffer()],
+        &[rows as u32, c as u32, eps.to_bits(), 0],
+        rows as u32,
+    )?;
+    Ok((y, stats))
+}
+
+/// out[b, i] = sum over chunks k (in order) of part[b, k, i], for part `[B, n_chunks, W]` and out `[B, W]`.
+fn sum_chunks(part: &Tensor, out: &Tensor, batch: usize, n_chunks: usize, w: usize) -> Result<()> {
+    part.gpu().dispatch(
+        &SHADER,
+        "norm_backward_sum_chunks",
+        &[part.buffer(), out.buffer()],
+        &[batch as u32, n_chunks as u32, w as u32],
+        (batch * w).div_ceil(WG) as u32,
+    )
+}
+
+/// Splits `[2, C]` (dgamma, dbeta) into two `[C]` tensors (recorded copies).
+fn split_gamma_beta(gb: &Tensor, c: usize) -> Result<(Tensor, Tensor)> {
+    let dgamma = Tensor::empty(gb.gpu(), &[c], DType::F32)?;
+    let dbeta = Tensor::empty(gb.gpu(), &[c], DType::F32)?;
+    dgamma.copy_from(0, gb, 0, c)?;
+    dbeta.copy_from(0, gb, c, c)?;
+    Ok((dgamma, dbeta))
+}
+
+/// Backward of [`layer_norm_train`]: given `dy` and `x` (same shape `[.., C]`), the saved `mean_rstd`
+/// `[rows, 2]` and `gamma` `[C]`, returns fresh `(dx, dgamma, dbeta)`. dgamma / dbeta are summed over all rows
+/// in a fixed order (deterministic).
+pub fn layer_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    mean_rstd: &Tensor,
+    gamma: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "layer_norm_backward";
+    let Some(&c) = x.shape().last() else {
+        bail!("{op}: input must have at least one dim, got a scalar");
+    };
+    ensure!(c > 0, "{op}: cannot normalise over an empty last dim ({:?})", x.shape());
+    check_f32(op, "input", x)?;
+    check_f32(op, "dy", dy)?;
+    check_f32(op, "mean_rstd", mean_rstd)?;
+    check_f32(op, "gamma", gamma)?;
+    ensure!(
+        dy.shape() == x.shape(),
+        "{op}: dy {:?} must have the input's shape {:?}",
+        dy.shape(),
+        x.shape()
+    );
+    let rows = x.numel() / c;
+    ensure!(
+        mean_rstd.shape() == [rows, 2],
+        "{op}: mean_rstd must be [{rows}, 2] for input {:?}, got {:?}",
+        x.shape(),
+        mean_rstd.shape()
+    );
+    ensure!(
+        gamma.shape() == [c],
+        "{op}: gamma must be [{c}] (the channel count), got {:?}",
+        gamma.shape()
+    );
+    let gpu = x.gpu();
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if rows == 0 {
+        return Ok((dx, Tensor::zeros(gpu, &[c])?, Tensor::zeros(gpu, &[c])?));
+    }
+    gpu.dispatch(
+        &SHADER,
+        "layer_norm_backward",
+        &[dy.buffer(), x.buffer(), mean_rstd.buffer(), gamma.buffer(), dx.buffer()],
+        &[rows as u32, c as u32],
+        rows as u32,
+    )?;
+    let n_chunks = rows.div_ceil(LN_PARAM_ROWS);
+    let n_wg_c = c.div_ceil(WG);
+    let part = Tensor::empty(gpu, &[n_chunks, 2, c], DType::F32)?;
+    gpu.dispatch(
+        &SHADER,
+        "layer_norm_backward_params",
+        &[dy.buffer(), x.buffer(), mean_rstd.buffer(), part.buffer()],
+        &[rows, c, LN_PARAM_ROWS, n_chunks, n_wg_c].map(|v| v as u32),
+        (n_chunks * n_wg_c) as u32,
+    )?;
+    let gb = Tensor::empty(gpu, &[2, c], DType::F32)?;
+    sum_chunks(&part, &gb, 1, n_chunks, 2 * c)?;
+    let (dgamma, dbeta) = split_gamma_beta(&gb, c)?;
+    Ok((dx, dgamma, dbeta))
+}
+
+/// The training forward of [`group_norm_time`]: also returns the `[B, 2, C]` (mean, rstd) it normalised
+/// with, for [`group_norm_time_backward`].
+pub fn group_norm_time_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let [_, t, c] = btc("group_norm_time_train", x)?;
+    check_affine("group_norm_time_train", c, gamma, beta)?;
+    let mean_rstd = moments_to_mean_rstd(&channel_moments(x)?, t, eps)?;
+    let y = normalize_channels(x, &mean_rstd, gamma, beta, false)?;
+    Ok((y, mean_rstd))
+}
+
+/// Backward of [`group_norm_time_train`]: given `dy` and `x` `[B, T, C]`, the saved `mean_rstd` `[B, 2, C]` and
+/// `gamma` `[C]`, returns fresh `(dx, dgamma, dbeta)`. The sums over time run in chunks of `CHUNK` frames
+/// whose partials are added in order (deterministic); dgamma / dbeta then add the batch rows in order.
+pub fn group_norm_time_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    mean_rstd: &Tensor,
+    gamma: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = "group_norm_time_backward";
+    let [b, t, c] = btc(op, x)?;
+    check_f32(op, "dy", dy)?;
+    check_f32(op, "mean_rstd", mean_rstd)?;
+    check_f32(op, "gamma", gamma)?;
+    ensure!(
+        dy.shape() == x.shape(),
+        "{op}: dy {:?} must have the input's shape {:?}",
+        dy.shape(),
+        x.shape()
+    );
+    ensure!(
+        mean_rstd.shape() == [b, 2, c],
+        "{op}: mean_rstd must be [{b}, 2, {c}] for input {:?}, got {:?}",
+        x.shape(),
+        mean_rstd.shape()
+    );
+    ensure!(
+        gamma.shape() == [c],
+        "{op}: gamma must be [{c}] (the channel count), got {:?}",
+        gamma.shape()
+    );
+    let gpu = x.gpu();
+    let dx = Tensor::empty(gpu, x.shape(), DType::F32)?;
+    if b == 0 {
+        return Ok((dx, Tensor::zeros(gpu, &[c])?, Tensor::zeros(gpu, &[c])?));
+    }
+    // Per (b, c): (sum dy * xhat, sum dy) over the T frames, via chunk partials.
+    let n_chunks = t.div_ceil(CHUNK);
+    let n_wg_c = c.div_ceil(WG);
+    let part = Tensor::empty(gpu, &[b, n_chunks, 2, c], DType::F32)?;
+    gpu.dispatch(
+        &SHADER,
+        "group_norm_time_backward_partial",
+        &[dy.buffer(), x.buffer(), mean_rstd.buffer(), part.buffer()],
+        &[b, t, c, CHUNK, n_chunks, n_wg_c].map(|v| v as u32),
+        (b * n_chunks * n_wg_c) as u32,
+    )?;
+    let sums = Tensor::empty(gpu, &[b, 2, c], DType::F32)?;
+    sum_chunks(&part, &sums, b, n_chunks, 2 * c)?;
+    let n = x.numel();
+    gpu.dispatch(
+        &SHADER,
+        "group_norm_time_backward_input",
+        &[
+            dy.buffer(),
+            x.buffer(),
+            mean_rstd.buffer(),
+            gamma.buffer(),
+            sums.buffer(),
+            dx.buffer(),
+        ],
+        &[n as u32, t as u32, c as u32],
+        n.div_ceil(WG_ELEM) as u32,
+    )?;
+    let gb = if b == 1 {
+        sums.reshape(&[2, c])?
+    } else {
+        let gb = Tensor::empty(gpu, &[2, c], DType::F32)?;
+        sum_chunks(&sums, &gb, 1, b, 2 * c)?;
+        gb
+    };
+    let (dgamma, dbeta) = split_gamma_beta(&gb, c)?;
+    Ok((dx, dgamma, dbeta))
+}
+
 /// Per-(batch, channel) mean and M2 in f64 on the host, for group norm over input processed in time chunks.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChannelStats {
@@ -282,25 +485,78 @@ pub mod reference {
 
     /// LayerNorm over rows of `c` values.
     pub fn layer_norm(x: &[f32], c: usize, gamma: &[f32], beta: &[f32], eps: f32, gelu: bool) -> Vec<f64> {
-        let mut y = Vec::with_capacity(x.len());
+        let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let y = layer_norm_f64(&f(x), c, &f(gamma), &f(beta), eps as f64);
+        if gelu {
+            y.into_iter().map(gelu_f64).collect()
+        } else {
+            y
+        }
+    }
+
+    /// `[rows, 2]` = (mean, 1 / sqrt(var + eps)) of each row of `c` values.
+    pub fn layer_norm_stats(x: &[f64], c: usize, eps: f64) -> Vec<f64> {
+        let mut out = Vec::with_capacity(2 * (x.len() / c));
         for row in x.chunks_exact(c) {
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / c as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-            let rstd = 1.0 / (var + eps as f64).sqrt();
-            for (i, &v) in row.iter().enumerate() {
-                let o = (v as f64 - mean) * rstd * gamma[i] as f64 + beta[i] as f64;
-                y.push(if gelu { gelu_f64(o) } else { o });
-            }
+            let mean = row.iter().sum::<f64>() / c as f64;
+            let var = row.iter().map(|&v| (v - mean).powi(2)).sum::<f64>() / c as f64;
+            out.extend([mean, 1.0 / (var + eps).sqrt()]);
+        }
+        out
+    }
+
+    /// LayerNorm on f64 inputs (the oracle of the finite-difference gradient tests).
+    pub fn layer_norm_f64(x: &[f64], c: usize, gamma: &[f64], beta: &[f64], eps: f64) -> Vec<f64> {
+        let stats = layer_norm_stats(x, c, eps);
+        let mut y = Vec::with_capacity(x.len());
+        for (r, row) in x.chunks_exact(c).enumerate() {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            y.extend(
+                row.iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v - mean) * rstd * gamma[i] + beta[i]),
+            );
         }
         y
     }
 
+    /// (dx, dgamma, dbeta) of `sum(dy * layer_norm(x))`, statistics recomputed in f64.
+    pub fn layer_norm_backward(
+        dy: &[f64],
+        x: &[f64],
+        c: usize,
+        gamma: &[f64],
+        eps: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let stats = layer_norm_stats(x, c, eps);
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0f64; x.len()], vec![0f64; c], vec![0f64; c]);
+        for r in 0..x.len() / c {
+            let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
+            let row = r * c..(r + 1) * c;
+            let xhat: Vec<f64> = x[row.clone()].iter().map(|&v| (v - mean) * rstd).collect();
+            let dn: Vec<f64> = dy[row.clone()].iter().zip(gamma).map(|(d, g)| d * g).collect();
+            let m1 = dn.iter().sum::<f64>() / c as f64;
+            let m2 = dn.iter().zip(&xhat).map(|(d, h)| d * h).sum::<f64>() / c as f64;
+            for i in 0..c {
+                dx[r * c + i] = rstd * (dn[i] - m1 - xhat[i] * m2);
+                dgamma[i] += dy[r * c + i] * xhat[i];
+                dbeta[i] += dy[r * c + i];
+            }
+        }
+        (dx, dgamma, dbeta)
+    }
+
     /// `[b, 2, c]` = (mean, M2) of `x` `[b, t, c]` over t.
     pub fn channel_moments(x: &[f32], [b, t, c]: [usize; 3]) -> Vec<f64> {
+        let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        channel_moments_f64(&x, [b, t, c])
+    }
+
+    fn channel_moments_f64(x: &[f64], [b, t, c]: [usize; 3]) -> Vec<f64> {
         let mut out = vec![0f64; b * 2 * c];
         for bi in 0..b {
             for ci in 0..c {
-                let at = |ti: usize| x[(bi * t + ti) * c + ci] as f64;
+                let at = |ti: usize| x[(bi * t + ti) * c + ci];
                 let mean = (0..t).map(at).sum::<f64>() / t as f64;
                 let m2 = (0..t).map(|ti| (at(ti) - mean).powi(2)).sum::<f64>();
                 out[bi * 2 * c + ci] = mean;
@@ -308,6 +564,17 @@ pub mod reference {
             }
         }
         out
+    }
+
+    /// `[b, 2, c]` = (mean, 1 / sqrt(var + eps)) over time of `x` `[b, t, c]`.
+    pub fn group_norm_time_stats(x: &[f64], [b, t, c]: [usize; 3], eps: f64) -> Vec<f64> {
+        let mut m = channel_moments_f64(x, [b, t, c]);
+        for bi in 0..b {
+            for v in &mut m[bi * 2 * c + c..(bi + 1) * 2 * c] {
+                *v = 1.0 / (*v / t as f64 + eps).sqrt();
+            }
+        }
+        m
     }
 
     /// torch GroupNorm(c, c) over time for `x` `[b, t, c]`.
@@ -319,20 +586,56 @@ pub mod reference {
         eps: f32,
         gelu: bool,
     ) -> Vec<f64> {
-        let m = channel_moments(x, [b, t, c]);
+        let f = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let y = group_norm_time_f64(&f(x), [b, t, c], &f(gamma), &f(beta), eps as f64);
+        if gelu {
+            y.into_iter().map(gelu_f64).collect()
+        } else {
+            y
+        }
+    }
+
+    /// Group norm over time on f64 inputs (the oracle of the finite-difference gradient tests).
+    pub fn group_norm_time_f64(x: &[f64], [b, t, c]: [usize; 3], gamma: &[f64], beta: &[f64], eps: f64) -> Vec<f64> {
+        let m = group_norm_time_stats(x, [b, t, c], eps);
         let mut y = vec![0f64; x.len()];
         for bi in 0..b {
             for ti in 0..t {
                 for ci in 0..c {
-                    let mean = m[bi * 2 * c + ci];
-                    let rstd = 1.0 / (m[bi * 2 * c + c + ci] / t as f64 + eps as f64).sqrt();
+                    let (mean, rstd) = (m[bi * 2 * c + ci], m[bi * 2 * c + c + ci]);
                     let i = (bi * t + ti) * c + ci;
-                    let o = (x[i] as f64 - mean) * rstd * gamma[ci] as f64 + beta[ci] as f64;
-                    y[i] = if gelu { gelu_f64(o) } else { o };
+                    y[i] = (x[i] - mean) * rstd * gamma[ci] + beta[ci];
                 }
             }
         }
         y
+    }
+
+    /// (dx, dgamma, dbeta) of `sum(dy * group_norm_time(x))`, statistics recomputed in f64.
+    pub fn group_norm_time_backward(
+        dy: &[f64],
+        x: &[f64],
+        [b, t, c]: [usize; 3],
+        gamma: &[f64],
+        eps: f64,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let m = group_norm_time_stats(x, [b, t, c], eps);
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0f64; x.len()], vec![0f64; c], vec![0f64; c]);
+        for bi in 0..b {
+            for ci in 0..c {
+                let (mean, rstd) = (m[bi * 2 * c + ci], m[bi * 2 * c + c + ci]);
+                let idx = |ti: usize| (bi * t + ti) * c + ci;
+                let xhat = |ti: usize| (x[idx(ti)] - mean) * rstd;
+                let m1 = (0..t).map(|ti| dy[idx(ti)] * gamma[ci]).sum::<f64>() / t as f64;
+                let m2 = (0..t).map(|ti| dy[idx(ti)] * gamma[ci] * xhat(ti)).sum::<f64>() / t as f64;
+                for ti in 0..t {
+                    dx[idx(ti)] = rstd * (dy[idx(ti)] * gamma[ci] - m1 - xhat(ti) * m2);
+                    dgamma[ci] += dy[idx(ti)] * xhat(ti);
+                    dbeta[ci] += dy[idx(ti)];
+                }
+            }
+        }
+        (dx, dgamma, dbeta)
     }
 }
 
@@ -340,7 +643,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, random_vec, Tol};
+    use crate::ops::testing::{assert_close, assert_close_f64, central_differences, dot_f64, random_vec, to_f64, Tol};
 
     /// Uniform values with mean `offset` and standard deviation 1.
     fn offset_data(seed: u64, n: usize, offset: f32) -> Vec<f32> {
@@ -509,6 +812,200 @@ mod tests {
     }
 
     #[test]
+    fn layer_norm_reference_grad_matches_finite_differences() {
+        for (i, (rows, c)) in [(3usize, 7usize), (2, 1), (1, 16)].into_iter().enumerate() {
+            let seed = 900 + 10 * i as u64;
+            let x = to_f64(&offset_data(seed, rows * c, 0.5));
+            let (g32, b32) = affine(seed + 1, c);
+            let (gamma, beta) = (to_f64(&g32), to_f64(&b32));
+            let dy = to_f64(&random_vec(seed + 2, rows * c, 1.0));
+            let eps = 1e-5;
+            let loss = |x: &[f64], g: &[f64], b: &[f64]| dot_f64(&dy, &reference::layer_norm_f64(x, c, g, b, eps));
+            let (dx, dg, db) = reference::layer_norm_backward(&dy, &x, c, &gamma, eps);
+            let h = 1e-6;
+            let name = format!("layer_norm [{rows}, {c}] ref");
+            let fx = central_differences(&x, h, |v| loss(v, &gamma, &beta));
+            let fg = central_differences(&gamma, h, |v| loss(&x, v, &beta));
+            let fb = central_differences(&beta, h, |v| loss(&x, &gamma, v));
+            // C = 1 normalises to exactly 0: dx is 0 and central differences give 0 too.
+            assert_close_f64(&format!("{name} dx vs fd"), &dx, &fx, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} dgamma vs fd"), &dg, &fg, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} dbeta vs fd"), &db, &fb, Tol::FINITE_DIFF);
+        }
+    }
+
+    #[test]
+    fn group_norm_time_reference_grad_matches_finite_differences() {
+        for (i, (b, t, c)) in [(2usize, 6usize, 3usize), (1, 9, 2), (2, 3, 1)].into_iter().enumerate() {
+            let seed = 950 + 10 * i as u64;
+            let shape = [b, t, c];
+            let x = to_f64(&offset_data(seed, b * t * c, 0.5));
+            let (g32, b32) = affine(seed + 1, c);
+            let (gamma, beta) = (to_f64(&g32), to_f64(&b32));
+            let dy = to_f64(&random_vec(seed + 2, b * t * c, 1.0));
+            let eps = 1e-5;
+            let loss =
+                |x: &[f64], g: &[f64], be: &[f64]| dot_f64(&dy, &reference::group_norm_time_f64(x, shape, g, be, eps));
+            let (dx, dg, db) = reference::group_norm_time_backward(&dy, &x, shape, &gamma, eps);
+            let h = 1e-6;
+            let name = format!("group_norm_time {shape:?} ref");
+            let fx = central_differences(&x, h, |v| loss(v, &gamma, &beta));
+            let fg = central_differences(&gamma, h, |v| loss(&x, v, &beta));
+            let fb = central_differences(&beta, h, |v| loss(&x, &gamma, v));
+            assert_close_f64(&format!("{name} dx vs fd"), &dx, &fx, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} dgamma vs fd"), &dg, &fg, Tol::FINITE_DIFF);
+            assert_close_f64(&format!("{name} dbeta vs fd"), &db, &fb, Tol::FINITE_DIFF);
+        }
+    }
+
+    /// GPU layer_norm_train + layer_norm_backward against the references; returns the gradients read back.
+    fn check_layer_norm_grad(seed: u64, shape: &[usize], offset: f32) -> [Vec<f32>; 3] {
+        let gpu = test_gpu();
+        let c = *shape.last().unwrap();
+        let n: usize = shape.iter().product();
+        let xv = offset_data(seed, n, offset);
+        let (gv, bv) = affine(seed + 1, c);
+        let dyv = random_vec(seed + 2, n, 1.0);
+        let x = Tensor::from_slice(gpu, &xv, shape).unwrap();
+        let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+        let be = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+        let dy = Tensor::from_slice(gpu, &dyv, shape).unwrap();
+        let (y, stats) = layer_norm_train(&x, &g, &be, 1e-5).unwrap();
+        let (dx, dg, db) = layer_norm_backward(&dy, &x, &stats, &g).unwrap();
+        let name = format!("layer_norm {shape:?} mean {offset}");
+        let want_y = reference::layer_norm(&xv, c, &gv, &bv, 1e-5, false);
+        assert_close(&format!("{name} train y"), &y.to_vec().unwrap(), &want_y, Tol::KERNEL);
+        // mean and rstd are judged separately: the mean against the data's spread (std 1), not its offset.
+        let want_stats = reference::layer_norm_stats(&to_f64(&xv), c, 1e-5);
+        let got_stats = stats.to_vec().unwrap();
+        let mean_err = (0..n / c)
+            .map(|r| (got_stats[2 * r] as f64 - want_stats[2 * r]).abs())
+            .fold(0f64, f64::max);
+        eprintln!("{name} train mean: max |err| = {mean_err:.3e} (std 1)");
+        assert!(mean_err < 1e-5, "{name}: mean error {mean_err}");
+        let rstd = |v: &[f32]| v.iter().skip(1).step_by(2).copied().collect::<Vec<f32>>();
+        let want_rstd: Vec<f64> = want_stats.iter().skip(1).step_by(2).copied().collect();
+        assert_close(
+            &format!("{name} train rstd"),
+            &rstd(&got_stats),
+            &want_rstd,
+            Tol::KERNEL,
+        );
+        let (wdx, wdg, wdb) = reference::layer_norm_backward(&to_f64(&dyv), &to_f64(&xv), c, &to_f64(&gv), 1e-5);
+        let got = [dx.to_vec().unwrap(), dg.to_vec().unwrap(), db.to_vec().unwrap()];
+        assert_eq!((dx.shape(), dg.shape(), db.shape()), (shape, &[c][..], &[c][..]));
+        assert_close(&format!("{name} dx"), &got[0], &wdx, Tol::KERNEL);
+        assert_close(&format!("{name} dgamma"), &got[1], &wdg, Tol::KERNEL);
+        assert_close(&format!("{name} dbeta"), &got[2], &wdb, Tol::KERNEL);
+        got
+    }
+
+    #[test]
+    fn layer_norm_grad_matches_reference() {
+        for (i, (shape, offset)) in [
+            (vec![3usize, 5, 37], 0.0f32),
+            (vec![7, 37], 100.0),
+            (vec![11, 512], 3.0),
+            (vec![2, 3, 768], -30.0),
+            (vec![5, 1024], 0.0),
+            (vec![3, 1], 5.0),
+            (vec![130, 65], 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            check_layer_norm_grad(1000 + 10 * i as u64, &shape, offset);
+        }
+    }
+
+    #[test]
+    fn layer_norm_grad_long_reduction_is_deterministic() {
+        // dgamma / dbeta over 3001 rows (47 chunks); run twice, bit for bit.
+        let a = check_layer_norm_grad(1100, &[3001, 200], 1.0);
+        let b = check_layer_norm_grad(1100, &[3001, 200], 1.0);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "runs differ");
+        }
+    }
+
+    fn check_group_norm_grad(seed: u64, [b, t, c]: [usize; 3], offset: f32) -> [Vec<f32>; 3] {
+        let gpu = test_gpu();
+        let n = b * t * c;
+        let xv = offset_data(seed, n, offset);
+        let (gv, bv) = affine(seed + 1, c);
+        let dyv = random_vec(seed + 2, n, 1.0);
+        let x = Tensor::from_slice(gpu, &xv, &[b, t, c]).unwrap();
+        let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+        let be = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+        let dy = Tensor::from_slice(gpu, &dyv, &[b, t, c]).unwrap();
+        let (y, mr) = group_norm_time_train(&x, &g, &be, 1e-5).unwrap();
+        let (dx, dg, db) = group_norm_time_backward(&dy, &x, &mr, &g).unwrap();
+        let name = format!("group_norm_time [{b}, {t}, {c}] mean {offset}");
+        let want_y = reference::group_norm_time(&xv, [b, t, c], &gv, &bv, 1e-5, false);
+        assert_close(&format!("{name} train y"), &y.to_vec().unwrap(), &want_y, Tol::KERNEL);
+        assert_eq!(mr.shape(), [b, 2, c]);
+        let (wdx, wdg, wdb) =
+            reference::group_norm_time_backward(&to_f64(&dyv), &to_f64(&xv), [b, t, c], &to_f64(&gv), 1e-5);
+        let got = [dx.to_vec().unwrap(), dg.to_vec().unwrap(), db.to_vec().unwrap()];
+        assert_eq!(
+            (dx.shape(), dg.shape(), db.shape()),
+            (&[b, t, c][..], &[c][..], &[c][..])
+        );
+        assert_close(&format!("{name} dx"), &got[0], &wdx, Tol::KERNEL);
+        assert_close(&format!("{name} dgamma"), &got[1], &wdg, Tol::KERNEL);
+        assert_close(&format!("{name} dbeta"), &got[2], &wdb, Tol::KERNEL);
+        got
+    }
+
+    #[test]
+    fn group_norm_time_grad_matches_reference() {
+        for (i, (shape, offset)) in [
+            ([2usize, 1000usize, 37usize], 100.0f32),
+            ([1, 77, 64], 0.0),
+            ([2, 129, 5], -20.0),
+            ([2, 1, 3], 1.0),
+            ([1, 300, 1], 3.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            check_group_norm_grad(1200 + 10 * i as u64, shape, offset);
+        }
+    }
+
+    #[test]
+    fn group_norm_time_grad_long_reduction_is_deterministic() {
+        // 20003 frames (157 chunks per channel) x 2 batch rows; run twice, bit for bit.
+        let a = check_group_norm_grad(1300, [2, 20003, 9], 1.0);
+        let b = check_group_norm_grad(1300, [2, 20003, 9], 1.0);
+        for (x, y) in a.iter().zip(&b) {
+            assert!(x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()), "runs differ");
+        }
+    }
+
+    #[test]
+    fn grad_bad_shapes_are_clear_errors() {
+        let gpu = test_gpu();
+        let x = Tensor::zeros(gpu, &[2, 3, 4]).unwrap();
+        let g4 = Tensor::zeros(gpu, &[4]).unwrap();
+        let g3 = Tensor::zeros(gpu, &[3]).unwrap();
+        let err = |r: Result<(Tensor, Tensor, Tensor)>| r.unwrap_err().to_string();
+        let (_, ln_stats) = layer_norm_train(&x, &g4, &g4, 1e-5).unwrap();
+        assert_eq!(ln_stats.shape(), [6, 2]);
+        let (_, gn_stats) = group_norm_time_train(&x, &g4, &g4, 1e-5).unwrap();
+        assert_eq!(gn_stats.shape(), [2, 2, 4]);
+        let dy_bad = Tensor::zeros(gpu, &[2, 4, 4]).unwrap();
+        assert!(err(layer_norm_backward(&dy_bad, &x, &ln_stats, &g4)).contains("dy"));
+        assert!(err(layer_norm_backward(&x, &x, &gn_stats, &g4)).contains("mean_rstd must be [6, 2]"));
+        assert!(err(layer_norm_backward(&x, &x, &ln_stats, &g3)).contains("gamma must be [4]"));
+        assert!(err(group_norm_time_backward(&dy_bad, &x, &gn_stats, &g4)).contains("dy"));
+        assert!(err(group_norm_time_backward(&x, &x, &ln_stats, &g4)).contains("mean_rstd must be [2, 2, 4]"));
+        assert!(err(group_norm_time_backward(&x, &x, &gn_stats, &g3)).contains("gamma must be [4]"));
+        let flat = Tensor::zeros(gpu, &[24]).unwrap();
+        assert!(err(group_norm_time_backward(&flat, &flat, &gn_stats, &g4)).contains("[B, T, C]"));
+    }
+
+    #[test]
     fn bad_shapes_are_clear_errors() {
         let gpu = test_gpu();
         let x = Tensor::zeros(gpu, &[2, 3, 4]).unwrap();
@@ -563,6 +1060,45 @@ mod timing {
             gpu.sync().unwrap();
             let dt = start.elapsed().as_secs_f64() / n as f64;
             eprintln!("{name} [{t}, {c}]: {:.1} ms", dt * 1e3);
+        }
+    }
+
+    /// Backward at training shapes. `cargo test --release --lib norm_grad_timing -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn norm_grad_timing() {
+        let gpu = test_gpu();
+        for (name, b, t, c) in [
+            ("group_norm backward (2 x 2 s of layer0)", 2usize, 32000usize, 512usize),
+            ("layer_norm backward, C = 512", 1, 6000, 512),
+            ("layer_norm backward, C = 768", 1, 6000, 768),
+        ] {
+            let x = Tensor::from_slice(gpu, &random_vec(1, b * t * c, 1.0), &[b, t, c]).unwrap();
+            let dy = Tensor::from_slice(gpu, &random_vec(2, b * t * c, 1.0), &[b, t, c]).unwrap();
+            let g = Tensor::from_slice(gpu, &random_vec(3, c, 1.0), &[c]).unwrap();
+            let group = name.starts_with("group");
+            let stats = if group {
+                group_norm_time_train(&x, &g, &g, 1e-5).unwrap().1
+            } else {
+                layer_norm_train(&x, &g, &g, 1e-5).unwrap().1
+            };
+            let run = || {
+                if group {
+                    group_norm_time_backward(&dy, &x, &stats, &g).unwrap();
+                } else {
+                    layer_norm_backward(&dy, &x, &stats, &g).unwrap();
+                }
+            };
+            run();
+            gpu.sync().unwrap();
+            let n = 2;
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                run();
+            }
+            gpu.sync().unwrap();
+            let dt = start.elapsed().as_secs_f64() / n as f64;
+            eprintln!("{name} [{b}, {t}, {c}]: {:.1} ms", dt * 1e3);
         }
     }
 }

@@ -71,3 +71,54 @@ pub fn check_grad_fd(name: &str, analytic: &[f64], x: &[f64], loss: impl Fn(&[f6
     eprintln!("{name}: reference backward vs finite differences: max |err| / max |fd| = {err:.3e}");
     assert!(err <= 1e-6, "{name}: max |err| / max |fd| = {err:.3e} > 1e-6");
 }
+
+impl Tol {
+    /// An f64 reference backward against central differences of the f64 reference forward with h ~ 1e-6:
+    /// truncation error O(h^2 f''') and rounding O(1e-16 |f| / h) are both far below this.
+    pub const FINITE_DIFF: Tol = Tol { rel: 1e-6 };
+}
+
+/// Central differences `(f(p + h e_i) - f(p - h e_i)) / 2h` of a scalar function, for every coordinate i.
+pub fn central_differences(p: &[f64], h: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut q = p.to_vec();
+    (0..p.len())
+        .map(|i| {
+            q[i] = p[i] + h;
+            let up = f(&q);
+            q[i] = p[i] - h;
+            let down = f(&q);
+            q[i] = p[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// [`assert_close`] for an f64 result (a reference gradient against finite differences).
+#[track_caller]
+pub fn assert_close_f64(name: &str, got: &[f64], want: &[f64], tol: Tol) {
+    assert_eq!(got.len(), want.len(), "{name}: length mismatch");
+    let max_ref = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let max_err = got.iter().zip(want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+    let err = if got.iter().all(|g| g.is_finite()) {
+        max_err / max_ref
+    } else {
+        f64::INFINITY
+    };
+    eprintln!("{name}: max |err| / max |ref| = {err:.3e} (tolerance {:.0e})", tol.rel);
+    assert!(
+        err <= tol.rel,
+        "{name}: max |err| / max |ref| = {err:.3e} > {:.0e}",
+        tol.rel
+    );
+}
+
+/// f32 test data widened to f64 (exactly).
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&a| a as f64).collect()
+}
+
+/// sum(a * b) in f64: the scalar loss `sum(dy * y)` whose gradient the backward kernels compute.
+pub fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "dot of different lengths");
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
