@@ -2,82 +2,102 @@
 //! (`../shared/docs/wav2vec2-reference.md`). Both architectures: group norm + post-LN (base, original large)
 //! and layer norm + pre-LN "stable layer norm" (lv60, XLS-R).
 //!
-//! Tensor names mirror the checkpoint's module paths. Activations are channels-last: `[B, T, C]`.
-//! Dimension letters: B batch, L samples, T frames, C conv channels, D hidden size, F FFN size.
+//! One implementation serves the frozen teacher (a no-grad [`Tape`]: fused kernels, nothing saved) and the
+//! trained student (a recording tape). Parameters carry their checkpoint names. Activations are
+//! channels-last: `[B, T, C]`. Dimension letters: B batch, L samples, T frames, C conv channels, D hidden
+//! size, F FFN size.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context as _, Result};
 
 use super::config::{FeatExtractNorm, Wav2Vec2Config};
-use super::weights::{fold_weight_norm, Checkpoint};
-use crate::gpu::{Gpu, Tensor};
-use crate::ops::conv1d::Conv1dWeight;
-use crate::ops::norm::ChannelStats;
-use crate::ops::{attention, conv1d, elementwise, matmul, norm};
+use super::weights::Checkpoint;
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::norm::{self, ChannelStats};
+use crate::tape::{Param, Tape, Var};
+
+fn load_param(gpu: &Gpu, ck: &mut Checkpoint, name: &str, shape: &[usize]) -> Result<Arc<Param>> {
+    Ok(Param::new(name, Tensor::from_slice(gpu, &ck.take(name, shape), shape)?))
+}
 
 /// `nn.Linear`: weight [out, in] (torch layout), bias [out].
 pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
+    pub weight: Arc<Param>,
+    pub bias: Option<Arc<Param>>,
 }
 
 impl Linear {
-    fn load(gpu: &Gpu, ck: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-        let weight = upload(gpu, ck.take(&format!("{name}.weight"), &[out, inp]), &[out, inp])?;
-        let bias = if bias {
-            Some(upload(gpu, ck.take(&format!("{name}.bias"), &[out]), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear { weight, bias })
+    pub fn load(gpu: &Gpu, ck: &mut Checkpoint, name: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            weight: load_param(gpu, ck, &format!("{name}.weight"), &[out, inp])?,
+            bias: if bias {
+                Some(load_param(gpu, ck, &format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            },
+        })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul::linear(x, &self.weight, self.bias.as_ref())
+    pub fn forward(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let b = self.bias.as_ref().map(|b| tape.param(b));
+        tape.linear(x, &tape.param(&self.weight), b.as_ref())
     }
 
-    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
-        matmul::linear_gelu(x, &self.weight, self.bias.as_ref())
+    pub fn forward_gelu(&self, tape: &Tape, x: &Var) -> Result<Var> {
+        let b = self.bias.as_ref().map(|b| tape.param(b));
+        tape.linear_gelu(x, &tape.param(&self.weight), b.as_ref())
+    }
+
+    pub fn parameters(&self) -> Vec<Arc<Param>> {
+        std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
     }
 }
 
 /// `nn.LayerNorm` / `nn.GroupNorm` affine parameters, [C] each.
 pub struct Norm {
-    pub weight: Tensor,
-    pub bias: Tensor,
+    pub weight: Arc<Param>,
+    pub bias: Arc<Param>,
 }
 
 impl Norm {
-    fn load(gpu: &Gpu, ck: &mut Checkpoint, name: &str, c: usize) -> Result<Norm> {
+    pub fn load(gpu: &Gpu, ck: &mut Checkpoint, name: &str, c: usize) -> Result<Norm> {
         Ok(Norm {
-            weight: upload(gpu, ck.take(&format!("{name}.weight"), &[c]), &[c])?,
-            bias: upload(gpu, ck.take(&format!("{name}.bias"), &[c]), &[c])?,
+            weight: load_param(gpu, ck, &format!("{name}.weight"), &[c])?,
+            bias: load_param(gpu, ck, &format!("{name}.bias"), &[c])?,
         })
     }
 
-    pub fn layer_norm(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
-        norm::layer_norm(x, &self.weight, &self.bias, eps)
+    pub fn layer_norm(&self, tape: &Tape, x: &Var, eps: f32) -> Result<Var> {
+        tape.layer_norm(x, &tape.param(&self.weight), &tape.param(&self.bias), eps)
     }
-}
 
-fn upload(gpu: &Gpu, data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_slice(gpu, &data, shape)
+    pub fn parameters(&self) -> Vec<Arc<Param>> {
+        vec![self.weight.clone(), self.bias.clone()]
+    }
 }
 
 /// `feature_extractor.conv_layers.{i}`: Conv1d (no padding), optional norm, GELU.
 pub struct ConvLayer {
-    /// Packed once at load into the conv kernel's layout.
-    pub conv_weight: Conv1dWeight,
-    pub conv_bias: Option<Tensor>,
+    pub weight: Arc<Param>,
+    pub bias: Option<Arc<Param>>,
     pub norm: Option<Norm>,
     pub kernel: usize,
     pub stride: usize,
 }
 
 impl ConvLayer {
-    fn conv(&self, x: &Tensor, gelu: bool) -> Result<Tensor> {
-        conv1d::conv1d_packed(x, &self.conv_weight, self.conv_bias.as_ref(), self.stride, 0, gelu)
+    fn conv(&self, tape: &Tape, x: &Var, gelu: bool) -> Result<Var> {
+        let b = self.bias.as_ref().map(|b| tape.param(b));
+        tape.conv1d(x, &tape.param(&self.weight), b.as_ref(), self.stride, 0, 1, gelu)
+    }
+
+    fn parameters(&self) -> Vec<Arc<Param>> {
+        let mut p = vec![self.weight.clone()];
+        p.extend(self.bias.clone());
+        p.extend(self.norm.iter().flat_map(|n| n.parameters()));
+        p
     }
 }
 
@@ -114,32 +134,45 @@ impl EncoderLayer {
         })
     }
 
-    fn attention(&self, x: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
-        let a = attention::self_attention(&q, &k, &v, self.heads, key_mask)?;
-        self.out_proj.forward(&a)
+    pub fn parameters(&self) -> Vec<Arc<Param>> {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.out_proj]
+            .iter()
+            .flat_map(|l| l.parameters())
+            .chain(self.layer_norm.parameters())
+            .chain(self.intermediate_dense.parameters())
+            .chain(self.output_dense.parameters())
+            .chain(self.final_layer_norm.parameters())
+            .collect()
     }
 
-    fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.output_dense.forward(&self.intermediate_dense.forward_gelu(x)?)
+    fn attention(&self, tape: &Tape, x: &Var, key_mask: Option<&Tensor>, dropout: f32) -> Result<Var> {
+        let q = self.q_proj.forward(tape, x)?;
+        let k = self.k_proj.forward(tape, x)?;
+        let v = self.v_proj.forward(tape, x)?;
+        let a = tape.self_attention(&q, &k, &v, self.heads, key_mask, dropout)?;
+        tape.dropout(&self.out_proj.forward(tape, &a)?, dropout)
     }
 
-    /// h: [B, T, D] -> [B, T, D].
-    pub fn forward(&self, h: &Tensor, key_mask: Option<&Tensor>) -> Result<Tensor> {
+    fn feed_forward(&self, tape: &Tape, x: &Var, dropout: f32) -> Result<Var> {
+        let h = tape.dropout(&self.intermediate_dense.forward_gelu(tape, x)?, dropout)?;
+        tape.dropout(&self.output_dense.forward(tape, &h)?, dropout)
+    }
+
+    /// h: [B, T, D] -> [B, T, D]. `dropout` applies after the attention output and in the feed-forward
+    /// (transformers' hidden and activation dropout); it is a no-op on a no-grad tape.
+    pub fn forward(&self, tape: &Tape, h: &Var, key_mask: Option<&Tensor>, dropout: f32) -> Result<Var> {
         if self.stable {
             // Pre-LN: h + Attn(LN1(h)), then h + FFN(LN2(h)).
-            let a = self.attention(&self.layer_norm.layer_norm(h, self.eps)?, key_mask)?;
-            let h = elementwise::add(h, &a)?;
-            let f = self.feed_forward(&self.final_layer_norm.layer_norm(&h, self.eps)?)?;
-            elementwise::add(&h, &f)
+            let a = self.attention(tape, &self.layer_norm.layer_norm(tape, h, self.eps)?, key_mask, dropout)?;
+            let h = tape.add(h, &a)?;
+            let f = self.feed_forward(tape, &self.final_layer_norm.layer_norm(tape, &h, self.eps)?, dropout)?;
+            tape.add(&h, &f)
         } else {
             // Post-LN: LN1(h + Attn(h)), then LN2(h + FFN(h)).
-            let a = self.attention(h, key_mask)?;
-            let h = self.layer_norm.layer_norm(&elementwise::add(h, &a)?, self.eps)?;
-            let f = self.feed_forward(&h)?;
-            self.final_layer_norm.layer_norm(&elementwise::add(&h, &f)?, self.eps)
+            let a = self.attention(tape, h, key_mask, dropout)?;
+            let h = self.layer_norm.layer_norm(tape, &tape.add(h, &a)?, self.eps)?;
+            let f = self.feed_forward(tape, &h, dropout)?;
+            self.final_layer_norm.layer_norm(tape, &tape.add(&h, &f)?, self.eps)
         }
     }
 }
@@ -154,6 +187,22 @@ pub struct Wav2Vec2Output {
     pub last_hidden_state: Tensor,
 }
 
+/// The same on a tape, for training.
+pub struct Wav2Vec2Vars {
+    pub extract_features: Var,
+    pub hidden_states: Vec<Var>,
+    pub last_hidden_state: Var,
+}
+
+/// Training-time switches; the defaults are inference.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrainOptions {
+    /// Dropout in the transformer layers (DistilHuBERT: 0.1).
+    pub dropout: f32,
+    /// Gradient multiplier on the CNN output (DistilHuBERT's feature_grad_mult: 0.1); None = 1.
+    pub feature_grad_mult: Option<f32>,
+}
+
 pub struct Wav2Vec2 {
     pub config: Wav2Vec2Config,
     pub gpu: Gpu,
@@ -161,13 +210,17 @@ pub struct Wav2Vec2 {
     /// `feature_projection.layer_norm` and `.projection`.
     pub projection_norm: Norm,
     pub projection: Linear,
-    /// `encoder.pos_conv_embed.conv`, weight norm folded at load, packed: [D, D/G, K].
-    pub pos_conv_weight: Conv1dWeight,
-    pub pos_conv_bias: Tensor,
+    /// `encoder.pos_conv_embed.conv`: weight-norm g [1, 1, K] and v [D, D/G, K], and the bias [D].
+    pub pos_conv_g: Arc<Param>,
+    pub pos_conv_v: Arc<Param>,
+    pub pos_conv_bias: Arc<Param>,
     /// `encoder.layer_norm`.
     pub encoder_norm: Norm,
     pub layers: Vec<EncoderLayer>,
 }
+
+const POS_G: &str = "encoder.pos_conv_embed.conv.parametrizations.weight.original0";
+const POS_V: &str = "encoder.pos_conv_embed.conv.parametrizations.weight.original1";
 
 impl Wav2Vec2 {
     /// Loads `dir/config.json` and its safetensors weights; any missing, mis-shaped or unexpected tensor
@@ -180,6 +233,7 @@ impl Wav2Vec2 {
         Ok(model)
     }
 
+    /// Takes the model's tensors from `ck` (the caller decides what else the checkpoint may hold).
     pub fn from_checkpoint(gpu: &Gpu, config: Wav2Vec2Config, ck: &mut Checkpoint) -> Result<Wav2Vec2> {
         let cfg = &config;
         let mut conv_layers = Vec::new();
@@ -192,14 +246,9 @@ impl Wav2Vec2 {
             .enumerate()
         {
             let name = format!("feature_extractor.conv_layers.{i}");
-            let w = upload(
-                gpu,
-                ck.take(&format!("{name}.conv.weight"), &[c, c_in, k]),
-                &[c, c_in, k],
-            )?;
-            let conv_weight = Conv1dWeight::pack(&w, 1)?;
-            let conv_bias = if cfg.conv_bias {
-                Some(upload(gpu, ck.take(&format!("{name}.conv.bias"), &[c]), &[c])?)
+            let weight = load_param(gpu, ck, &format!("{name}.conv.weight"), &[c, c_in, k])?;
+            let bias = if cfg.conv_bias {
+                Some(load_param(gpu, ck, &format!("{name}.conv.bias"), &[c])?)
             } else {
                 None
             };
@@ -210,8 +259,8 @@ impl Wav2Vec2 {
                 None
             };
             conv_layers.push(ConvLayer {
-                conv_weight,
-                conv_bias,
+                weight,
+                bias,
                 norm,
                 kernel: k,
                 stride: s,
@@ -226,26 +275,13 @@ impl Wav2Vec2 {
         let projection_norm = Norm::load(gpu, ck, "feature_projection.layer_norm", c_in)?;
         let projection = Linear::load(gpu, ck, "feature_projection.projection", d, c_in, true)?;
 
+        // Older checkpoints name the weight-norm parts weight_g / weight_v; parameters keep the new names.
         let pos = "encoder.pos_conv_embed.conv";
-        let wg = ck.take_any(
-            &[
-                &format!("{pos}.weight_g"),
-                &format!("{pos}.parametrizations.weight.original0"),
-            ],
-            &[1, 1, kpos],
-        );
-        let wv = ck.take_any(
-            &[
-                &format!("{pos}.weight_v"),
-                &format!("{pos}.parametrizations.weight.original1"),
-            ],
-            &[d, d / g, kpos],
-        );
-        let pos_conv_weight = Conv1dWeight::pack(
-            &upload(gpu, fold_weight_norm(&wg, &wv, d, d / g, kpos), &[d, d / g, kpos])?,
-            g,
-        )?;
-        let pos_conv_bias = upload(gpu, ck.take(&format!("{pos}.bias"), &[d]), &[d])?;
+        let wg = ck.take_any(&[POS_G, &format!("{pos}.weight_g")], &[1, 1, kpos]);
+        let wv = ck.take_any(&[POS_V, &format!("{pos}.weight_v")], &[d, d / g, kpos]);
+        let pos_conv_g = Param::new(POS_G, Tensor::from_slice(gpu, &wg, &[1, 1, kpos])?);
+        let pos_conv_v = Param::new(POS_V, Tensor::from_slice(gpu, &wv, &[d, d / g, kpos])?);
+        let pos_conv_bias = load_param(gpu, ck, &format!("{pos}.bias"), &[d])?;
         let encoder_norm = Norm::load(gpu, ck, "encoder.layer_norm", d)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|n| EncoderLayer::load(gpu, ck, &format!("encoder.layers.{n}"), cfg))
@@ -255,7 +291,8 @@ impl Wav2Vec2 {
             conv_layers,
             projection_norm,
             projection,
-            pos_conv_weight,
+            pos_conv_g,
+            pos_conv_v,
             pos_conv_bias,
             encoder_norm,
             layers,
@@ -263,11 +300,57 @@ impl Wav2Vec2 {
         })
     }
 
+    /// Every parameter, named as in the checkpoint, in a fixed order.
+    pub fn parameters(&self) -> Vec<Arc<Param>> {
+        let mut p: Vec<Arc<Param>> = self.conv_layers.iter().flat_map(|c| c.parameters()).collect();
+        p.extend(self.projection_norm.parameters());
+        p.extend(self.projection.parameters());
+        p.extend([
+            self.pos_conv_g.clone(),
+            self.pos_conv_v.clone(),
+            self.pos_conv_bias.clone(),
+        ]);
+        p.extend(self.encoder_norm.parameters());
+        p.extend(self.layers.iter().flat_map(|l| l.parameters()));
+        p
+    }
+
     fn eps(&self) -> f32 {
         self.config.layer_norm_eps as f32
     }
 
-    /// The CNN feature encoder: samples [B, L, 1] -> features [B, T, C].
+    /// Runs the model on one utterance (already normalised if the checkpoint expects it), without gradients.
+    pub fn forward(&self, samples: &[f32]) -> Result<Wav2Vec2Output> {
+        let frames = self.config.frames(samples.len());
+        if frames == 0 {
+            bail!(
+                "audio of {} samples is shorter than the model's receptive field ({} samples = {:.1} ms at 16 kHz)",
+                samples.len(),
+                self.config.receptive_field(),
+                self.config.receptive_field() as f64 / 16.0
+            );
+        }
+        let wave = Tensor::from_slice(&self.gpu, samples, &[1, samples.len(), 1])?;
+        let features = self.feature_encoder(&wave).context("feature encoder")?;
+        let tape = Tape::no_grad();
+        let out = self.encode(&tape, &tape.constant(features), None, TrainOptions::default())?;
+        Ok(Wav2Vec2Output {
+            extract_features: out.extract_features.value().clone(),
+            hidden_states: out.hidden_states.iter().map(|h| h.value().clone()).collect(),
+            last_hidden_state: out.last_hidden_state.value().clone(),
+        })
+    }
+
+    /// The whole forward on a tape: waveforms [B, L, 1] of equal length (a training batch of crops).
+    pub fn forward_tape(&self, tape: &Tape, wave: &Var, opts: TrainOptions) -> Result<Wav2Vec2Vars> {
+        let mut features = self.cnn(tape, wave, None)?;
+        if let Some(m) = opts.feature_grad_mult {
+            features = tape.scale_grad(&features, m);
+        }
+        self.encode(tape, &features, None, opts)
+    }
+
+    /// The CNN feature encoder without gradients: samples [B, L, 1] -> features [B, T, C].
     ///
     /// The CNN is local in time except for the group norm's statistics, so audio whose activations would
     /// exceed a GPU binding is processed in chunks of output frames (each chunk's input starts at a multiple
@@ -296,13 +379,14 @@ impl Wav2Vec2 {
         let &[b, len, 1] = wave.shape() else {
             bail!("feature encoder input must be [B, L, 1], got {:?}", wave.shape())
         };
+        let tape = Tape::no_grad();
         let t = self.config.frames(len);
         if t <= chunk_frames {
-            return self.cnn(wave, None);
+            return Ok(self.cnn(&tape, &tape.constant(wave.clone()), None)?.value().clone());
         }
         let c = self.config.conv_out();
         let (stride, rf) = (self.config.total_stride(), self.config.receptive_field());
-        let out = Tensor::empty(&self.gpu, &[b, t, c], crate::gpu::DType::F32)?;
+        let out = Tensor::empty(&self.gpu, &[b, t, c], DType::F32)?;
         for item in 0..b {
             let one = slice_time(wave, item, 0, len)?;
             let stats = match self.config.feat_extract_norm {
@@ -312,28 +396,39 @@ impl Wav2Vec2 {
             for f0 in (0..t).step_by(chunk_frames) {
                 let f1 = (f0 + chunk_frames).min(t);
                 let piece = slice_time(&one, 0, f0 * stride, (f1 - f0 - 1) * stride + rf)?;
-                let y = self.cnn(&piece, stats.as_ref())?;
-                out.copy_from((item * t + f0) * c, &y, 0, (f1 - f0) * c)?;
+                let y = self.cnn(&tape, &tape.constant(piece), stats.as_ref())?;
+                out.copy_from((item * t + f0) * c, y.value(), 0, (f1 - f0) * c)?;
             }
         }
         Ok(out)
     }
 
-    /// The conv stack on one piece of audio. `first_norm_stats` replaces the first layer's group-norm
-    /// statistics (mean, rstd per channel) when the piece is a chunk of a longer input.
-    fn cnn(&self, wave: &Tensor, first_norm_stats: Option<&Tensor>) -> Result<Tensor> {
+    /// The conv stack. `first_norm_stats` (no-grad only) replaces the first layer's group-norm statistics
+    /// (mean, rstd per channel) when the input is a chunk of a longer one.
+    fn cnn(&self, tape: &Tape, wave: &Var, first_norm_stats: Option<&Tensor>) -> Result<Var> {
         let mut x = wave.clone();
         for layer in &self.conv_layers {
             x = match (&layer.norm, self.config.feat_extract_norm) {
-                (None, _) => layer.conv(&x, true)?,
+                (None, _) => layer.conv(tape, &x, true)?,
                 // GroupNorm(C, C): each channel over time, eps fixed at torch's 1e-5.
-                (Some(n), FeatExtractNorm::Group) => match first_norm_stats {
-                    Some(st) => norm::normalize_channels(&layer.conv(&x, false)?, st, &n.weight, &n.bias, true)?,
-                    None => norm::group_norm_time_gelu(&layer.conv(&x, false)?, &n.weight, &n.bias, 1e-5)?,
-                },
+                (Some(n), FeatExtractNorm::Group) => {
+                    let y = layer.conv(tape, &x, false)?;
+                    match first_norm_stats {
+                        Some(st) if !tape.is_recording() => tape.constant(norm::normalize_channels(
+                            y.value(),
+                            st,
+                            n.weight.value(),
+                            n.bias.value(),
+                            true,
+                        )?),
+                        Some(_) => bail!("chunked group-norm statistics are for inference only"),
+                        None => tape.group_norm_time_gelu(&y, &tape.param(&n.weight), &tape.param(&n.bias), 1e-5)?,
+                    }
+                }
                 // The conv layers' LayerNorm also uses torch's default eps, not layer_norm_eps.
                 (Some(n), FeatExtractNorm::Layer) => {
-                    norm::layer_norm_gelu(&layer.conv(&x, false)?, &n.weight, &n.bias, 1e-5)?
+                    let y = layer.conv(tape, &x, false)?;
+                    tape.layer_norm_gelu(&y, &tape.param(&n.weight), &tape.param(&n.bias), 1e-5)?
                 }
             };
         }
@@ -343,6 +438,7 @@ impl Wav2Vec2 {
     /// Group-norm statistics of the first conv layer's output over a whole [1, L, 1] input, gathered in
     /// pieces of about `piece_samples` samples and combined in f64 (Chan's formula).
     fn first_layer_stats(&self, wave: &Tensor, piece_samples: usize) -> Result<Tensor> {
+        let tape = Tape::no_grad();
         let layer = &self.conv_layers[0];
         let len = wave.shape()[1];
         let t0 = (len - layer.kernel) / layer.stride + 1;
@@ -351,8 +447,8 @@ impl Wav2Vec2 {
         for a in (0..t0).step_by(per_piece) {
             let b = (a + per_piece).min(t0);
             let piece = slice_time(wave, 0, a * layer.stride, (b - a - 1) * layer.stride + layer.kernel)?;
-            let moments = norm::channel_moments(&layer.conv(&piece, false)?)?;
-            let stats = ChannelStats::from_moments(&moments, b - a)?;
+            let y = layer.conv(&tape, &tape.constant(piece), false)?;
+            let stats = ChannelStats::from_moments(&norm::channel_moments(y.value())?, b - a)?;
             match &mut total {
                 None => total = Some(stats),
                 Some(t) => t.combine(&stats)?,
@@ -361,45 +457,35 @@ impl Wav2Vec2 {
         total.expect("at least one frame").mean_rstd(&self.gpu, 1e-5)
     }
 
-    /// Runs the model on one utterance (already normalised if the checkpoint expects it).
-    pub fn forward(&self, samples: &[f32]) -> Result<Wav2Vec2Output> {
-        let frames = self.config.frames(samples.len());
-        if frames == 0 {
-            bail!(
-                "audio of {} samples is shorter than the model's receptive field ({} samples = {:.1} ms at 16 kHz)",
-                samples.len(),
-                self.config.receptive_field(),
-                self.config.receptive_field() as f64 / 16.0
-            );
-        }
-        let wave = Tensor::from_slice(&self.gpu, samples, &[1, samples.len(), 1])?;
-        let features = self.feature_encoder(&wave).context("feature encoder")?;
-        self.encode(&features, None)
-    }
-
     /// From CNN features [B, T, C] to every hidden state.
-    pub fn encode(&self, features: &Tensor, key_mask: Option<&Tensor>) -> Result<Wav2Vec2Output> {
+    pub fn encode(
+        &self,
+        tape: &Tape,
+        features: &Var,
+        key_mask: Option<&Tensor>,
+        opts: TrainOptions,
+    ) -> Result<Wav2Vec2Vars> {
         let eps = self.eps();
-        let extract_features = self.projection_norm.layer_norm(features, eps)?;
-        let h = self.projection.forward(&extract_features)?;
-        let pos = self.positional_embedding(&h)?;
+        let extract_features = self.projection_norm.layer_norm(tape, features, eps)?;
+        let h = self.projection.forward(tape, &extract_features)?;
+        let pos = self.positional_embedding(tape, &h)?;
         let stable = self.config.do_stable_layer_norm;
-        let mut h = elementwise::add(&h, &pos)?;
+        let mut h = tape.add(&h, &pos)?;
         if !stable {
-            h = self.encoder_norm.layer_norm(&h, eps)?;
+            h = self.encoder_norm.layer_norm(tape, &h, eps)?;
         }
         let mut hidden_states = vec![h.clone()];
         for layer in &self.layers {
-            h = layer.forward(&h, key_mask)?;
+            h = layer.forward(tape, &h, key_mask, opts.dropout)?;
             hidden_states.push(h.clone());
         }
         // transformers 5.x: hidden_states[N] is taken before the stable variant's final LayerNorm.
         let last_hidden_state = if stable {
-            self.encoder_norm.layer_norm(&h, eps)?
+            self.encoder_norm.layer_norm(tape, &h, eps)?
         } else {
             h
         };
-        Ok(Wav2Vec2Output {
+        Ok(Wav2Vec2Vars {
             extract_features,
             hidden_states,
             last_hidden_state,
@@ -407,19 +493,17 @@ impl Wav2Vec2 {
     }
 
     /// GELU(SamePad(grouped Conv1d(h))): padding K/2 on both sides, the last frame dropped when K is even.
-    fn positional_embedding(&self, h: &Tensor) -> Result<Tensor> {
+    /// The weight is g * v / ||v|| (weight norm), recomputed each forward so a trained g, v is always current.
+    fn positional_embedding(&self, tape: &Tape, h: &Var) -> Result<Var> {
         let cfg = &self.config;
         let k = cfg.num_conv_pos_embeddings;
-        let pos = conv1d::conv1d_packed(h, &self.pos_conv_weight, Some(&self.pos_conv_bias), 1, k / 2, true)?;
+        let w = tape.weight_norm(&tape.param(&self.pos_conv_g), &tape.param(&self.pos_conv_v))?;
+        let b = tape.param(&self.pos_conv_bias);
+        let pos = tape.conv1d(h, &w, Some(&b), 1, k / 2, cfg.num_conv_pos_embedding_groups, true)?;
         if k % 2 == 1 {
             return Ok(pos);
         }
-        let (b, t, d) = (h.shape()[0], h.shape()[1], h.shape()[2]);
-        let out = Tensor::empty(&self.gpu, &[b, t, d], crate::gpu::DType::F32)?;
-        for i in 0..b {
-            out.copy_from(i * t * d, &pos, i * (t + 1) * d, t * d)?;
-        }
-        Ok(out)
+        tape.drop_last_frame(&pos)
     }
 }
 
@@ -428,7 +512,7 @@ fn slice_time(x: &Tensor, item: usize, start: usize, len: usize) -> Result<Tenso
     let &[_, t, c] = x.shape() else {
         bail!("slice_time needs [B, T, C], got {:?}", x.shape())
     };
-    let out = Tensor::empty(x.gpu(), &[1, len, c], crate::gpu::DType::F32)?;
+    let out = Tensor::empty(x.gpu(), &[1, len, c], DType::F32)?;
     out.copy_from(0, x, (item * t + start) * c, len * c)?;
     Ok(out)
 }

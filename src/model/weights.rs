@@ -83,6 +83,11 @@ impl Checkpoint {
         })
     }
 
+    /// Adds the tensors of one more safetensors file (e.g. a student's separate `heads.safetensors`).
+    pub fn add_file(&mut self, path: &Path) -> Result<()> {
+        read_file(path, &mut self.tensors, &mut self.problems)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -19,6 +19,8 @@ use anyhow::{bail, Result};
 use crate::gpu::Tensor;
 use crate::ops::elementwise;
 
+mod ops;
+
 /// A trainable tensor with its gradient slot.
 pub struct Param {
     pub name: String,
@@ -107,19 +109,34 @@ struct Recording {
 /// The tape. Single-threaded (one forward/backward at a time); cheap to create per step.
 pub struct Tape {
     recording: Option<RefCell<Recording>>,
+    /// Seeds dropout masks: every dropout site draws its own Philox stream under this key, so a step's
+    /// masks are reproducible from the step's seed (a resumed run gives the same losses).
+    seed: u64,
+    dropout_calls: std::cell::Cell<u64>,
 }
 
 impl Tape {
     /// A tape that records for backward.
     pub fn new() -> Tape {
+        Tape::with_seed(0)
+    }
+
+    /// A recording tape whose dropout masks derive from `seed` (one seed per training step).
+    pub fn with_seed(seed: u64) -> Tape {
         Tape {
             recording: Some(RefCell::default()),
+            seed,
+            dropout_calls: Default::default(),
         }
     }
 
     /// A tape that records nothing: inference and the teacher.
     pub fn no_grad() -> Tape {
-        Tape { recording: None }
+        Tape {
+            recording: None,
+            seed: 0,
+            dropout_calls: Default::default(),
+        }
     }
 
     pub fn is_recording(&self) -> bool {
@@ -230,17 +247,6 @@ impl Tape {
 impl Default for Tape {
     fn default() -> Self {
         Tape::new()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
-// Differentiable ops. Each forward calls its kernel; its closure saves only what the backward kernel reads.
-
-impl Tape {
-    /// a + b (residual connections).
-    pub fn add(&self, a: &Var, b: &Var) -> Result<Var> {
-        let y = elementwise::add(&a.value, &b.value)?;
-        Ok(self.push(y, &[a, b], |dy| Ok(vec![Some(dy.clone()), Some(dy.clone())])))
     }
 }
 
