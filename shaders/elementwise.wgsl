@@ -44,21 +44,7 @@ fn add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(1) var<storage, read> gelu_x: array<f32>;       // (N)
 @group(0) @binding(2) var<storage, read_write> gelu_y: array<f32>; // (N)
 
-// erfc(z), relative error < 1.2e-7 for every z (Numerical Recipes' Chebyshev fit `erfcc`).
-fn erfc_approx(z: f32) -> f32 {
-    let a = abs(z);
-    let t = 1.0 / (1.0 + 0.5 * a);
-    let r = t * exp(-a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
-        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
-        t * (-0.82215223 + t * 0.17087277)))))))));
-    return select(2.0 - r, r, z >= 0.0);
-}
-
-// Exact (erf) GELU, as torch.nn.GELU() by default: x * Phi(x) = 0.5 * x * erfc(-x / sqrt(2)).
-// Written with erfc so that the result keeps full relative precision for negative x.
-fn gelu_exact(x: f32) -> f32 {
-    return 0.5 * x * erfc_approx(-x * 0.70710678118654752);
-}
+// erfc_approx and gelu_exact: shaders/common.wgsl.
 
 @compute @workgroup_size(256)
 fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -13,9 +13,14 @@ fn every_shader_parses_and_validates() {
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no shaders found in {}", dir.display());
+    // Every shader is compiled with shaders/common.wgsl appended (see the `shader!` macro).
+    let common = std::fs::read_to_string(dir.join("common.wgsl")).unwrap();
     let mut failures = Vec::new();
     for path in &files {
-        let src = std::fs::read_to_string(path).unwrap();
+        let mut src = std::fs::read_to_string(path).unwrap();
+        if !path.ends_with("common.wgsl") {
+            src += &common;
+        }
         let shown = path
             .strip_prefix(env!("CARGO_MANIFEST_DIR"))
             .unwrap_or(path)

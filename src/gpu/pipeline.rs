@@ -12,13 +12,17 @@ pub struct Shader {
     pub source: &'static str,
 }
 
-/// `shader!("gelu")` embeds `shaders/gelu.wgsl`.
+/// `shader!("gelu")` embeds `shaders/gelu.wgsl` followed by `shaders/common.wgsl`, the functions shared by
+/// several kernels (WGSL has no includes; appended, so the file's own line numbers hold in error messages).
 #[macro_export]
 macro_rules! shader {
     ($name:literal) => {
         $crate::gpu::Shader {
             name: $name,
-            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+            source: concat!(
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl"))
+            ),
         }
     };
 }
