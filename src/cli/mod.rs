@@ -1,5 +1,8 @@
 //! The `wgpu-mlkd` command line: one file per subcommand.
 
+mod cache_merge;
+mod cache_show;
+mod cache_teacher;
 mod dataset;
 mod devices;
 mod extract;
@@ -35,6 +38,12 @@ enum Command {
     Devices(devices::Args),
     /// Run the wav2vec 2.0 teacher on a WAV file and save its hidden states as safetensors
     Extract(extract::Args),
+    /// Cache the teacher's target layers for every utterance of a data set (resumable)
+    CacheTeacher(cache_teacher::Args),
+    /// Summarise a teacher cache; --verify checks it; --id --out exports one utterance
+    CacheShow(cache_show::Args),
+    /// Join caches made with `cache-teacher --shard K/N` into one verified cache
+    CacheMerge(cache_merge::Args),
 }
 
 impl Cli {
@@ -53,5 +62,8 @@ pub fn run() -> Result<()> {
         Command::Dataset(args) => dataset::run(&cli, args),
         Command::Devices(args) => devices::run(&cli, args),
         Command::Extract(args) => extract::run(&cli, args),
+        Command::CacheTeacher(args) => cache_teacher::run(&cli, args),
+        Command::CacheShow(args) => cache_show::run(&cli, args),
+        Command::CacheMerge(args) => cache_merge::run(&cli, args),
     }
 }

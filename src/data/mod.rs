@@ -2,6 +2,7 @@
 //! the per-utterance zero-mean unit-variance normalisation wav2vec 2.0 expects
 //! (`wav::normalize`). `wav::load_16k` chains reading and resampling.
 
+pub mod cache;
 pub mod dataset;
 pub mod noise;
 pub mod resample;

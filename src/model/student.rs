@@ -179,6 +179,7 @@ mod tests {
         assert_eq!(default_target_layers(4), vec![2, 3, 4]);
         assert_eq!(default_target_layers(24), vec![8, 16, 24]);
         assert_eq!(default_target_layers(1), vec![1]);
+        assert_eq!(default_target_layers(3), vec![1, 2, 3]);
         assert_eq!(default_target_layers(2), vec![1, 2]);
     }
 }
