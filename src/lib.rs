@@ -8,3 +8,4 @@ pub mod gpu;
 pub mod model;
 pub mod ops;
 pub mod tape;
+pub mod train;
