@@ -1,4 +1,5 @@
-//! `wgpu-mlkd extract`: the teacher's hidden states for one WAV file, as safetensors.
+//! `wgpu-mlkd extract`: the teacher's hidden states for one WAV file, as safetensors. On an MLKD student
+//! folder (config.json with `mlkd_target_layers`) also its heads' predictions, `pred.{l}` for target layer l.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -8,11 +9,14 @@ use sha2::{Digest, Sha256};
 
 use super::Cli;
 use crate::data::wav;
+use crate::model::student::Student;
 use crate::model::{teacher_normalizes, Wav2Vec2};
+use crate::tape::Tape;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Hugging Face wav2vec 2.0 folder: config.json + model.safetensors (or a sharded index)
+    /// Hugging Face wav2vec 2.0 folder: config.json + model.safetensors (or a sharded index); an MLKD
+    /// student folder also writes its predictions pred.{l}
     #[arg(long, value_name = "DIR")]
     teacher: PathBuf,
     /// Input WAV (any rate, bit depth and channel count; resampled to 16 kHz mono)
@@ -70,11 +74,39 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     }
 
     let gpu = cli.open_gpu()?;
-    let model = Wav2Vec2::load(&gpu, &args.teacher)?;
+    // A student folder (config.json with mlkd_target_layers) also yields its heads' predictions. A config.json
+    // that is not valid JSON is left to the teacher loader, which reports it.
+    let is_student =
+        serde_json::from_slice::<serde_json::Value>(&config_bytes).is_ok_and(|j| j.get("mlkd_target_layers").is_some());
+    let student = if is_student {
+        Some(Student::load(&gpu, &args.teacher)?)
+    } else {
+        None
+    };
+    let model = match &student {
+        Some(s) => &s.encoder,
+        None => &Wav2Vec2::load(&gpu, &args.teacher)?,
+    };
     let layers = parse_layers(&args.layers, model.config.num_hidden_layers)?;
     let out = model
         .forward(&samples)
         .with_context(|| format!("running the teacher on {}", args.input.display()))?;
+    // The heads read the last student layer: the same as Student::forward with TrainOptions::default(), on
+    // the encoder's (chunked, long-audio-safe) inference path.
+    let preds = match &student {
+        Some(s) => {
+            let tape = Tape::no_grad();
+            let last = out.hidden_states.last().expect("at least hidden_states[0]").clone();
+            let preds = s.heads.forward(&tape, &tape.constant(last))?;
+            s.heads
+                .target_layers
+                .iter()
+                .zip(preds)
+                .map(|(&l, p)| (l, p.value().clone()))
+                .collect()
+        }
+        None => Vec::new(),
+    };
 
     let frames = out.extract_features.shape()[1];
     let mut tensors: Vec<(String, Vec<f32>, Vec<usize>)> = Vec::new();
@@ -87,6 +119,9 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     push("last_hidden_state".into(), &out.last_hidden_state)?;
     for &i in &layers {
         push(format!("hidden_states.{i}"), &out.hidden_states[i])?;
+    }
+    for (l, p) in &preds {
+        push(format!("pred.{l}"), p)?;
     }
     for (name, data, _) in &tensors {
         if let Some(j) = data.iter().position(|v| !v.is_finite()) {

@@ -1,5 +1,6 @@
 //! Models: the wav2vec 2.0 teacher (and, later, the student and the emotion classifier).
 
+pub mod checkpoint;
 pub mod config;
 pub mod student;
 pub mod synthetic;

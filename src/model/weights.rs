@@ -132,9 +132,15 @@ impl Checkpoint {
 
     /// Fails listing every problem met so far, and every tensor that is neither used nor a known head.
     pub fn finish(self) -> Result<()> {
+        self.finish_allowing(|_| false)
+    }
+
+    /// Like [`Checkpoint::finish`], but unused tensors for which `unused_ok` is true are not an error either
+    /// (a student initialised from a teacher leaves the teacher's upper layers unused).
+    pub fn finish_allowing(self, unused_ok: impl Fn(&str) -> bool) -> Result<()> {
         let mut problems = self.problems;
         for name in self.tensors.keys() {
-            if !self.taken.contains(name) && !IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+            if !self.taken.contains(name) && !IGNORED_PREFIXES.iter().any(|p| name.starts_with(p)) && !unused_ok(name) {
                 problems.push(format!("unexpected tensor {name}"));
             }
         }

@@ -178,6 +178,28 @@ impl AdamW {
         Ok(AdamW { config, steps: 0, m, v })
     }
 
+    /// Restores a saved state (e.g. from a training checkpoint): `m` and `v` per parameter, in the order of the
+    /// parameters later passed to `step`, after `steps` updates.
+    pub fn from_state(config: AdamWConfig, steps: u64, m: Vec<Tensor>, v: Vec<Tensor>) -> Result<AdamW> {
+        ensure!(
+            m.len() == v.len(),
+            "AdamW::from_state: {} exp_avg tensors but {} exp_avg_sq tensors",
+            m.len(),
+            v.len()
+        );
+        for (i, (a, b)) in m.iter().zip(&v).enumerate() {
+            check_f32("AdamW::from_state", "exp_avg", a)?;
+            check_f32("AdamW::from_state", "exp_avg_sq", b)?;
+            ensure!(
+                a.shape() == b.shape(),
+                "AdamW::from_state: parameter {i}: exp_avg {:?} vs exp_avg_sq {:?}",
+                a.shape(),
+                b.shape()
+            );
+        }
+        Ok(AdamW { config, steps, m, v })
+    }
+
     /// Updates taken so far (torch's `state["step"]`).
     pub fn steps(&self) -> u64 {
         self.steps
