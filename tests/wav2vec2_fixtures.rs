@@ -88,3 +88,20 @@ fn audio_shorter_than_the_receptive_field_is_a_clear_error() {
         &[1, 1, 32]
     );
 }
+
+/// Without gradients the feed-forward runs long inputs in row chunks (its [rows, F] activation is a layer's
+/// largest tensor); chunked and whole give the same numbers (row-wise ops, same kernels).
+#[test]
+fn feed_forward_in_row_chunks_equals_whole() {
+    let dir = fixture("base_group");
+    let expected = read_safetensors(&dir.join("expected.safetensors"));
+    let (shape, h) = &expected["hidden_states.1"];
+    let model = Wav2Vec2::load(gpu(), &dir).unwrap();
+    let x = wgpu_mlkd::gpu::Tensor::from_slice(gpu(), h, &[1, shape[0], shape[1]]).unwrap();
+    let layer = &model.layers[1];
+    let whole = layer.feed_forward_rows(&x, usize::MAX).unwrap().to_vec().unwrap();
+    for rows in [1, 7, shape[0] - 1] {
+        let chunked = layer.feed_forward_rows(&x, rows).unwrap().to_vec().unwrap();
+        assert_rel_close(&format!("feed-forward in chunks of {rows} rows"), &chunked, &whole, 0.0);
+    }
+}

@@ -154,8 +154,39 @@ impl EncoderLayer {
     }
 
     fn feed_forward(&self, tape: &Tape, x: &Var, dropout: f32) -> Result<Var> {
+        // The intermediate activation [rows, F] is the largest tensor of a layer; without gradients, long
+        // inputs run it in row chunks that stay within half a storage binding.
+        let f = self.intermediate_dense.weight.value().shape()[0];
+        let max_rows = (x.value().gpu().max_binding_bytes() / 2) as usize / (f * 4);
+        if !tape.is_recording() {
+            return Ok(tape.constant(self.feed_forward_rows(x.value(), max_rows.max(1))?));
+        }
         let h = tape.dropout(&self.intermediate_dense.forward_gelu(tape, x)?, dropout)?;
         tape.dropout(&self.output_dense.forward(tape, &h)?, dropout)
+    }
+
+    /// The inference feed-forward over at most `max_rows` rows (frames of every batch item) at a time.
+    pub fn feed_forward_rows(&self, x: &Tensor, max_rows: usize) -> Result<Tensor> {
+        let tape = Tape::no_grad();
+        let d = *x.shape().last().expect("[B, T, D]");
+        let rows = x.numel() / d;
+        let ff = |piece: &Tensor| -> Result<Tensor> {
+            let h = self
+                .intermediate_dense
+                .forward_gelu(&tape, &tape.constant(piece.clone()))?;
+            Ok(self.output_dense.forward(&tape, &h)?.value().clone())
+        };
+        if rows <= max_rows {
+            return ff(x);
+        }
+        let out = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+        for r0 in (0..rows).step_by(max_rows) {
+            let n = max_rows.min(rows - r0);
+            let piece = Tensor::empty(x.gpu(), &[n, d], DType::F32)?;
+            piece.copy_from(0, x, r0 * d, n * d)?;
+            out.copy_from(r0 * d, &ff(&piece)?, 0, n * d)?;
+        }
+        Ok(out)
     }
 
     /// h: [B, T, D] -> [B, T, D]. `dropout` applies after the attention output and in the feed-forward
