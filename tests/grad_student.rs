@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use common::{assert_rel_close, fixture, gpu, read_safetensors};
 use wgpu_mlkd::gpu::Tensor;
 use wgpu_mlkd::model::student::{distill_loss, Student};
@@ -14,21 +16,27 @@ use wgpu_mlkd::tape::Tape;
 /// The bound for whole-model gradients.
 const GRAD_TOL: f64 = 1e-3;
 
-/// Loss and gradients of the fixture's batch; returns (loss, per-parameter grads by name).
+/// The fixture's batch on the GPU: waveforms [B, L, 1] and one target tensor [B, T, D] per head.
+fn fixture_batch(data: &HashMap<String, (Vec<usize>, Vec<f32>)>) -> (Tensor, Vec<Tensor>) {
+    let (shape, input) = &data["input"];
+    let wave = Tensor::from_slice(gpu(), input, &[shape[0], shape[1], 1]).unwrap();
+    let (tshape, targets) = &data["targets"];
+    let per_head = tshape[1..].iter().product::<usize>();
+    let targets = (0..tshape[0])
+        .map(|n| Tensor::from_slice(gpu(), &targets[n * per_head..(n + 1) * per_head], &tshape[1..]).unwrap())
+        .collect();
+    (wave, targets)
+}
+
+/// Checks the loss terms and every parameter's gradient on the fixture's batch.
 fn check_grads(name: &str, grad_file: &str) {
     let dir = fixture(name);
     let want = read_safetensors(&dir.join(grad_file));
     let student = Student::load(gpu(), &dir).unwrap();
-    let (shape, input) = &want["input"];
-    let (b, l) = (shape[0], shape[1]);
-    let (tshape, targets) = &want["targets"];
-    let per_head = tshape[1..].iter().product::<usize>();
-    let targets: Vec<Tensor> = (0..tshape[0])
-        .map(|n| Tensor::from_slice(gpu(), &targets[n * per_head..(n + 1) * per_head], &tshape[1..]).unwrap())
-        .collect();
+    let (wave, targets) = fixture_batch(&want);
 
     let tape = Tape::new();
-    let wave = tape.constant(Tensor::from_slice(gpu(), input, &[b, l, 1]).unwrap());
+    let wave = tape.constant(wave);
     let opts = TrainOptions {
         dropout: 0.0,
         feature_grad_mult: Some(0.1),
@@ -117,12 +125,7 @@ fn student_adamw_steps_grad_match_pytorch() {
     let student = Student::load(gpu(), &dir).unwrap();
     let params = student.parameters();
     let before: Vec<Vec<f32>> = params.iter().map(|p| p.value().to_vec().unwrap()).collect();
-    let (shape, input) = &data["input"];
-    let (tshape, targets) = &data["targets"];
-    let per_head = tshape[1..].iter().product::<usize>();
-    let targets: Vec<Tensor> = (0..tshape[0])
-        .map(|n| Tensor::from_slice(gpu(), &targets[n * per_head..(n + 1) * per_head], &tshape[1..]).unwrap())
-        .collect();
+    let (wave_data, targets) = fixture_batch(&data);
     let values: Vec<&Tensor> = params.iter().map(|p| p.value()).collect();
     let config = AdamWConfig {
         beta1: 0.9,
@@ -135,7 +138,7 @@ fn student_adamw_steps_grad_match_pytorch() {
     let mut losses = Vec::new();
     for _ in 0..5 {
         let tape = Tape::new();
-        let wave = tape.constant(Tensor::from_slice(gpu(), input, &[shape[0], shape[1], 1]).unwrap());
+        let wave = tape.constant(wave_data.clone());
         let opts = TrainOptions {
             dropout: 0.0,
             feature_grad_mult: Some(0.1),

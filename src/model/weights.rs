@@ -237,34 +237,9 @@ pub fn to_f32(dtype: Dtype, data: &[u8]) -> Result<Vec<f32>> {
     })
 }
 
-/// Folds weight normalisation over dim 2 (torch's `weight_norm(conv, dim=2)`): for every kernel position k,
-/// w[:, :, k] = g[k] * v[:, :, k] / ||v[:, :, k]||_2, the norm over output and input channels. v: [O, I, K].
-pub fn fold_weight_norm(g: &[f32], v: &[f32], o: usize, i: usize, k: usize) -> Vec<f32> {
-    let mut norms = vec![0f64; k];
-    for (idx, &x) in v.iter().enumerate() {
-        norms[idx % k] += x as f64 * x as f64;
-    }
-    v.iter()
-        .enumerate()
-        .map(|(idx, &x)| {
-            let kk = idx % k;
-            (g[kk] as f64 * x as f64 / norms[kk].sqrt()) as f32
-        })
-        .take(o * i * k)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn weight_norm_fold_matches_definition() {
-        // v[o, i, k] for O = 2, I = 1, K = 2: columns k=0: (3, 4) -> norm 5; k=1: (0, 2) -> norm 2.
-        let v = [3.0, 0.0, 4.0, 2.0];
-        let w = fold_weight_norm(&[10.0, -1.0], &v, 2, 1, 2);
-        assert_eq!(w, vec![6.0, 0.0, 8.0, -1.0]);
-    }
 
     #[test]
     fn half_formats_widen_exactly() {
