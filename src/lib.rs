@@ -7,5 +7,6 @@ pub mod fsutil;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod tape;
 pub mod train;

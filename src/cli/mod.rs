@@ -6,6 +6,7 @@ mod cache_teacher;
 mod dataset;
 mod devices;
 mod extract;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     CacheShow(cache_show::Args),
     /// Join caches made with `cache-teacher --shard K/N` into one verified cache
     CacheMerge(cache_merge::Args),
+    /// Distil the teacher into a small student that predicts its clean layers from noisy speech (resumable)
+    Train(Box<train::Args>),
 }
 
 impl Cli {
@@ -65,5 +68,6 @@ pub fn run() -> Result<()> {
         Command::CacheTeacher(args) => cache_teacher::run(&cli, args),
         Command::CacheShow(args) => cache_show::run(&cli, args),
         Command::CacheMerge(args) => cache_merge::run(&cli, args),
+        Command::Train(args) => train::run(&cli, args),
     }
 }
