@@ -393,3 +393,42 @@ fn bad_options_are_refused() {
         &["another teacher"],
     );
 }
+
+#[test]
+fn a_training_step_is_one_gpu_submission() {
+    use wgpu_mlkd::data::{cache::TeacherCache, dataset::Dataset, noise::NoiseBank};
+    use wgpu_mlkd::model::student::Student;
+    use wgpu_mlkd::ops::adamw::{AdamW, AdamWConfig};
+    use wgpu_mlkd::train::{BatchSampler, OptimConfig, TrainDataConfig, Trainer};
+
+    let (data, cache_dir) = data_and_cache();
+    let gpu = common::gpu();
+    let cache = TeacherCache::open(cache_dir).unwrap();
+    let dataset = Dataset::open(data).unwrap();
+    let noise = NoiseBank::load(&[], &["white".to_string()], false, 0).unwrap();
+    let student = Student::from_teacher(gpu, &fixture("base_group"), 2, vec![1, 2, 3], 0).unwrap();
+    let params = student.parameters();
+    let values: Vec<_> = params.iter().map(|p| p.value()).collect();
+    let opt = AdamW::new(&values, AdamWConfig::default()).unwrap();
+    let ids: Vec<String> = dataset.utterances.iter().map(|u| u.id.clone()).collect();
+    let cfg = TrainDataConfig {
+        crop_seconds: 0.2,
+        batch: 2,
+        ..Default::default()
+    };
+    let model = student.encoder.config.clone();
+    let sampler = BatchSampler::new(&dataset.utterances, &cache, &noise, &model, cfg, &ids).unwrap();
+    let optim = OptimConfig {
+        steps: 4,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(student, opt, sampler, optim, 0).unwrap();
+    trainer.step().unwrap();
+    for _ in 0..2 {
+        let before = gpu.submissions();
+        let r = trainer.step().unwrap();
+        let n = gpu.submissions() - before;
+        eprintln!("step {}: loss {}, {n} GPU submission(s)", r.step, r.loss);
+        assert_eq!(n, 1, "a training step took {n} submissions");
+    }
+}

@@ -149,6 +149,8 @@ pub(crate) struct Inner {
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: Arc<BufferPool>,
     pending: Mutex<Vec<Command>>,
+    /// Command buffers submitted so far (tests check that a training step is one).
+    submissions: std::sync::atomic::AtomicU64,
     /// First validation/out-of-memory error the device reported outside an error scope, or a device loss.
     device_error: Arc<Mutex<Option<String>>>,
 }
@@ -261,6 +263,7 @@ impl Gpu {
                 limits,
                 pool,
                 pending: Mutex::new(Vec::new()),
+                submissions: Default::default(),
                 device_error,
             }),
         })
@@ -285,6 +288,11 @@ impl Gpu {
     /// Bytes currently allocated by the buffer pool, and the peak since the last [`Gpu::reset_peak`].
     pub fn memory(&self) -> (u64, u64) {
         self.inner.pool.usage()
+    }
+
+    /// Command buffers submitted so far: every flush with pending work, every readback, is one.
+    pub fn submissions(&self) -> u64 {
+        self.inner.submissions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn reset_peak(&self) {
@@ -462,6 +470,9 @@ impl Gpu {
         }
         drop(pass);
         self.inner.queue.submit([encoder.finish()]);
+        self.inner
+            .submissions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -248,12 +248,21 @@ impl<'a> Trainer<'a> {
         params.iter().for_each(|p| p.zero_grad());
         drop(grads);
 
-        // The first readback submits the whole step; the others only map their buffers.
-        let scalar = |v: &Tensor| -> Result<f32> { Ok(v.to_vec()?[0]) };
-        let total = scalar(loss.total.value())?;
-        let l1 = loss.l1.iter().map(|v| scalar(v.value())).collect::<Result<Vec<_>>>()?;
-        let cos = loss.cos.iter().map(|v| scalar(v.value())).collect::<Result<Vec<_>>>()?;
-        let grad_norm = norm.as_ref().map(scalar).transpose()?;
+        // The logged scalars are gathered on the GPU and read back together: the step is one submission.
+        let heads = loss.l1.len();
+        let mut scalars: Vec<&Tensor> = vec![loss.total.value()];
+        scalars.extend(loss.l1.iter().map(|v| v.value()));
+        scalars.extend(loss.cos.iter().map(|v| v.value()));
+        scalars.extend(norm.as_ref());
+        let gathered = Tensor::empty(&gpu, &[scalars.len()], crate::gpu::DType::F32)?;
+        for (i, s) in scalars.iter().enumerate() {
+            gathered.copy_from(i, s, 0, 1)?;
+        }
+        let values = gathered.to_vec()?;
+        let total = values[0];
+        let l1 = values[1..1 + heads].to_vec();
+        let cos = values[1 + heads..1 + 2 * heads].to_vec();
+        let grad_norm = norm.as_ref().map(|_| values[1 + 2 * heads]);
         let step = self.step + 1;
         if !total.is_finite() {
             return Err(NonFinite {
