@@ -1,7 +1,11 @@
 """Baseline for benches/teacher.rs: transformers' Wav2Vec2Model at wav2vec2-base dimensions (random weights),
 eval mode, float32, on the CPU with 2 threads; prints audio seconds per second (median of N runs after a warm-up).
 
-    python benches/pytorch_teacher.py [--seconds 1] [--repeat 5] [--threads 2]
+    python benches/pytorch_teacher.py [--teacher DIR] [--seconds 1] [--repeat 5] [--threads 2] [--device cpu|cuda]
+        [--dtype float32|float16]
+
+With --teacher it loads that Hugging Face folder (the model `wgpu-mlkd bench teacher` times). The last line is
+`teacher_forward_seconds_per_audio_second=X`, as the wgpu-mlkd command prints (benches/compare.sh reads both).
 """
 import argparse
 import statistics
@@ -9,23 +13,39 @@ import time
 
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
 
 p = argparse.ArgumentParser()
 p.add_argument("--seconds", type=float, default=1.0)
 p.add_argument("--repeat", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--teacher", default=None)
+p.add_argument("--device", default="cpu")
+p.add_argument("--dtype", default="float32")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
-model = Wav2Vec2Model(Wav2Vec2Config()).eval()
-x = torch.sin(torch.arange(int(a.seconds * 16000), dtype=torch.float32) * 0.01)[None] * 0.5
+dtype = getattr(torch, a.dtype)
+if a.teacher:
+    model = Wav2Vec2Model.from_pretrained(a.teacher)
+else:
+    model = Wav2Vec2Model(Wav2Vec2Config())
+model = model.eval().to(a.device, dtype)
+x = (torch.sin(torch.arange(int(a.seconds * 16000), dtype=torch.float32) * 0.01)[None] * 0.5).to(a.device, dtype)
+if a.device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 with torch.no_grad():
     model(x)
     times = []
     for _ in range(a.repeat):
         t0 = time.perf_counter()
-        model(x).last_hidden_state.numpy()
+        model(x).last_hidden_state.float().cpu().numpy()
         times.append(time.perf_counter() - t0)
 med = statistics.median(times)
-print(f"torch {torch.__version__}, {a.threads} threads, {a.seconds} s audio: median {med:.3f} s "
+print(f"torch {torch.__version__}, {a.device} {a.dtype}, {a.threads} threads, {a.seconds} s audio: median {med:.3f} s "
       f"-> {a.seconds / med:.2f} audio seconds per second")
+if a.device == "cuda":
+    print(f"peak GPU bytes: {torch.cuda.max_memory_allocated()}")
+print(f"teacher_forward_seconds_per_audio_second={med / a.seconds:.6f}")

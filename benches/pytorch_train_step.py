@@ -4,7 +4,11 @@ transformers' Wav2Vec2Model at base dimensions truncated to 2 layers, prediction
 (lr 2e-4, betas (0.9, 0.98), eps 1e-6, wd 1e-6) with grad clipping at 5; dropout 0.1. Median of N steps after
 one warm-up; prints seconds per step and the peak of torch's CPU allocator is not tracked (see RESULTS.md).
 
-    python benches/pytorch_train_step.py [--batch 2] [--seconds 2] [--repeat 5] [--threads 2]
+    python benches/pytorch_train_step.py [--teacher DIR] [--batch 2] [--seconds 2] [--repeat 5] [--threads 2]
+        [--device cpu|cuda]
+
+With --teacher the student is that folder's model truncated to --student-layers (the work `wgpu-mlkd bench
+train` times). The last line is `student_train_step_seconds=X`, as the wgpu-mlkd command prints.
 """
 import argparse
 import statistics
@@ -13,27 +17,44 @@ import time
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2Model
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=2)
 p.add_argument("--seconds", type=float, default=2.0)
 p.add_argument("--repeat", type=int, default=5)
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--teacher", default=None)
+p.add_argument("--student-layers", type=int, default=2)
+p.add_argument("--device", default="cpu")
 a = p.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
-cfg = Wav2Vec2Config(num_hidden_layers=2, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
-                     mask_time_prob=0.0, layerdrop=0.0)
-model = Wav2Vec2Model(cfg).train()
-d, n = cfg.hidden_size, 3
-proj = torch.nn.Linear(d, d * n)
-outs = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(n)])
+over = dict(num_hidden_layers=a.student_layers, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,
+            mask_time_prob=0.0, layerdrop=0.0)
+if a.teacher:
+    cfg = Wav2Vec2Config.from_pretrained(a.teacher, **over)
+    n_teacher = Wav2Vec2Config.from_pretrained(a.teacher).num_hidden_layers
+    model = Wav2Vec2Model.from_pretrained(a.teacher, config=cfg)
+else:
+    cfg = Wav2Vec2Config(**over)
+    n_teacher = 12
+    model = Wav2Vec2Model(cfg)
+model = model.train().to(a.device)
+model.feature_extractor._requires_grad = True
+d = cfg.hidden_size
+n = len(sorted({-(-n_teacher // 3), -(-2 * n_teacher // 3), n_teacher}))
+proj = torch.nn.Linear(d, d * n).to(a.device)
+outs = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(n)]).to(a.device)
 params = list(model.parameters()) + list(proj.parameters()) + list(outs.parameters())
 opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-6)
-x = torch.sin(torch.arange(a.batch * int(a.seconds * 16000), dtype=torch.float32) * 0.013).view(a.batch, -1) * 0.5
+x = (torch.sin(torch.arange(a.batch * int(a.seconds * 16000), dtype=torch.float32) * 0.013).view(a.batch, -1) * 0.5
+     ).to(a.device)
 frames = model._get_feat_extract_output_lengths(torch.tensor(x.shape[1])).item()
 targets = [torch.cos(torch.arange(a.batch * frames * d, dtype=torch.float32) * 0.001 * (i + 1)).view(a.batch, frames, d)
-           for i in range(n)]
+           .to(a.device) for i in range(n)]
 
 
 def step():
@@ -51,11 +72,23 @@ def step():
     return loss.item()
 
 
+def sync():
+    if a.device == "cuda":
+        torch.cuda.synchronize()
+
+
 step()
+if a.device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
 times = []
 for _ in range(a.repeat):
     t0 = time.perf_counter()
     step()
+    sync()
     times.append(time.perf_counter() - t0)
-print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch} x {a.seconds} s: "
-      f"median {statistics.median(times):.3f} s per step")
+med = statistics.median(times)
+print(f"torch {torch.__version__}, {a.device}, {a.threads} threads, batch {a.batch} x {a.seconds} s: "
+      f"median {med:.3f} s per step")
+if a.device == "cuda":
+    print(f"peak GPU bytes: {torch.cuda.max_memory_allocated()}")
+print(f"student_train_step_seconds={med:.6f}")

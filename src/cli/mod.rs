@@ -1,5 +1,6 @@
 //! The `wgpu-mlkd` command line: one file per subcommand.
 
+mod bench;
 mod cache_merge;
 mod cache_show;
 mod cache_teacher;
@@ -47,6 +48,8 @@ enum Command {
     CacheMerge(cache_merge::Args),
     /// Distil the teacher into a small student that predicts its clean layers from noisy speech (resumable)
     Train(Box<train::Args>),
+    /// Time the teacher forward or a training step on the selected adapter (for benches/compare.sh)
+    Bench(bench::Args),
 }
 
 impl Cli {
@@ -69,5 +72,6 @@ pub fn run() -> Result<()> {
         Command::CacheShow(args) => cache_show::run(&cli, args),
         Command::CacheMerge(args) => cache_merge::run(&cli, args),
         Command::Train(args) => train::run(&cli, args),
+        Command::Bench(args) => bench::run(&cli, args),
     }
 }
