@@ -176,3 +176,52 @@ fn a_backend_without_adapters_says_how_to_get_one() {
     let err = stderr(&o);
     assert!(!o.status.success() && err.contains("mesa-vulkan-drivers"), "{err}");
 }
+
+#[test]
+fn bench_commands_print_their_figure_last() {
+    let teacher = common::fixture("base_group");
+    for (args, key) in [
+        (
+            vec![
+                "bench",
+                "teacher",
+                "--teacher",
+                path(&teacher),
+                "--seconds",
+                "0.3",
+                "--repeat",
+                "2",
+            ],
+            "teacher_forward_seconds_per_audio_second=",
+        ),
+        (
+            vec![
+                "bench",
+                "train",
+                "--teacher",
+                path(&teacher),
+                "--crop-seconds",
+                "0.2",
+                "--repeat",
+                "1",
+            ],
+            "student_train_step_seconds=",
+        ),
+    ] {
+        let o = run(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        for needle in ["adapter: ", "GFLOP/s", "peak GPU bytes: "] {
+            assert!(out.contains(needle), "{needle:?} missing in {out}");
+        }
+        let last = out.lines().last().unwrap();
+        let value: f64 = last
+            .strip_prefix(key)
+            .unwrap_or_else(|| panic!("last line {last:?}"))
+            .parse()
+            .unwrap();
+        assert!(value > 0.0 && value.is_finite(), "{last}");
+    }
+    let o = run(&["bench", "teacher", "--teacher", path(&teacher), "--repeat", "0"]);
+    assert!(!o.status.success() && stderr(&o).contains("--repeat"), "{}", stderr(&o));
+}
