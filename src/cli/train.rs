@@ -28,7 +28,7 @@ use super::Cli;
 use crate::data::cache::{TeacherCache, TeacherInfo};
 use crate::data::dataset::Dataset;
 use crate::data::noise::NoiseBank;
-use crate::model::checkpoint::{load_checkpoint, save_checkpoint};
+use crate::model::checkpoint::{load_checkpoint, recover_interrupted_save, save_checkpoint};
 use crate::model::student::Student;
 use crate::model::Wav2Vec2;
 use crate::ops::adamw::{AdamW, AdamWConfig};
@@ -397,6 +397,14 @@ fn prepare_run_dir(args: &Args) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
     }
+    if args.resume {
+        if let Some(from) = recover_interrupted_save(&out.join(CHECKPOINT))? {
+            eprintln!(
+                "train: the last checkpoint save was interrupted; recovered the checkpoint from {}",
+                from.display()
+            );
+        }
+    }
     let has_run = out.join(RUN_JSON).exists() || out.join(CHECKPOINT).exists();
     if args.resume {
         if !out.join(CHECKPOINT).is_dir() {
@@ -424,6 +432,16 @@ fn prepare_run_dir(args: &Args) -> Result<()> {
         for name in [CHECKPOINT, STUDENT] {
             let p = out.join(name);
             if p.exists() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+            }
+        }
+        for entry in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+            let p = entry?.path();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if p.is_dir() && (n.starts_with(".checkpoint.") || n.starts_with(".student.tmp.")) {
                 std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
             }
         }

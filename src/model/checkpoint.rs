@@ -187,6 +187,58 @@ pub fn load_checkpoint(dir: &Path, gpu: &Gpu) -> Result<(Student, AdamW, serde_j
     Ok((student, opt, extra))
 }
 
+/// Repairs what a crash inside [`save_checkpoint`] can leave beside `dir`, before the checkpoint is read:
+/// when `dir` is missing (the crash fell between moving the old checkpoint aside and renaming the new one into
+/// place) the complete new one (`.DIR.tmp.*`), else the old one (`.DIR.old.*`), is renamed to `dir`; every
+/// other leftover is removed. A leftover is complete when its `trainer.json`, written last, is there. Returns
+/// what was recovered, for a message.
+pub fn recover_interrupted_save(dir: &Path) -> Result<Option<PathBuf>> {
+    let name = dir
+        .file_name()
+        .with_context(|| format!("checkpoint path {} has no folder name", dir.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !parent.is_dir() {
+        return Ok(None);
+    }
+    let (tmp_prefix, old_prefix) = (format!(".{name}.tmp."), format!(".{name}.old."));
+    let (mut tmps, mut olds) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(&parent).with_context(|| format!("cannot list {}", parent.display()))? {
+        let entry = entry.with_context(|| format!("cannot list {}", parent.display()))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&tmp_prefix) {
+            tmps.push(entry.path());
+        } else if file.starts_with(&old_prefix) {
+            olds.push(entry.path());
+        }
+    }
+    tmps.sort();
+    olds.sort();
+    let mut recovered = None;
+    if !dir.exists() {
+        let complete = |p: &PathBuf| p.join(TRAINER).is_file() && p.join(STUDENT).join("config.json").is_file();
+        if let Some(pick) = tmps
+            .iter()
+            .find(|p| complete(p))
+            .or_else(|| olds.iter().find(|p| complete(p)))
+        {
+            std::fs::rename(pick, dir)
+                .with_context(|| format!("cannot rename {} to {}", pick.display(), dir.display()))?;
+            recovered = Some(pick.clone());
+        }
+    }
+    for p in tmps.iter().chain(&olds) {
+        if Some(p) != recovered.as_ref() && p.exists() {
+            std::fs::remove_dir_all(p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
+    Ok(recovered)
+}
+
 /// Makes renames inside `dir` durable (a no-op where directories cannot be opened).
 fn sync_dir(dir: &Path) -> Result<()> {
     if let Ok(f) = std::fs::File::open(dir) {
