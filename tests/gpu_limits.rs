@@ -42,3 +42,25 @@ fn a_shape_whose_size_overflows_is_refused() {
         );
     }
 }
+
+/// Audio longer than the GPU can take in one piece (a 2-hour file on lavapipe's 128 MiB bindings) is refused
+/// up front with the limit and the longest duration that fits, before anything is uploaded.
+#[test]
+fn audio_beyond_the_binding_limit_is_refused_with_the_maximum_length() {
+    let model = wgpu_mlkd::model::Wav2Vec2::load(gpu(), &common::fixture("base_group")).unwrap();
+    let max = model.max_samples();
+    assert!(max <= (gpu().max_binding_bytes() / 4) as usize);
+    eprintln!(
+        "longest input: {max} samples = {:.1} min at 16 kHz",
+        max as f64 / 16000.0 / 60.0
+    );
+    let too_long = vec![0.0f32; max + 1]; // zeroed pages: cheap until touched
+    let err = format!("{:#}", model.forward(&too_long).err().unwrap());
+    eprintln!("{err}");
+    assert!(
+        err.contains("longer than this GPU can take")
+            && err.contains(&format!("at most {max} samples"))
+            && err.contains("largest storage binding"),
+        "{err}"
+    );
+}

@@ -104,7 +104,15 @@ impl Checkpoint {
     /// Takes tensor `name`, which must have `shape`. On a problem it is recorded (see [`Checkpoint::finish`])
     /// and zeros of the expected shape are returned, so that loading goes on and reports every problem at once.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Vec<f32> {
-        let numel = shape.iter().product();
+        let Some(numel) = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 32)
+        else {
+            self.problems
+                .push(format!("{name}: expected shape {shape:?} is too large to load"));
+            return Vec::new();
+        };
         let Some(e) = self.tensors.get(name) else {
             self.problems
                 .push(format!("missing tensor {name} (expected shape {shape:?})"));
