@@ -8,6 +8,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::Cli;
 use crate::data::cache::{self, Manifest, ShardEntry, Subset, TeacherCache};
+use crate::fsutil::OutputLock;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -74,7 +75,11 @@ fn copy_durably(from: &Path, to: &Path) -> Result<()> {
 pub fn run(_cli: &Cli, args: &Args) -> Result<()> {
     let out = &args.out;
     if out.exists() {
-        let empty = out.is_dir() && std::fs::read_dir(out)?.next().is_none();
+        // Empty but for a lock file: the lock below says who holds it.
+        let empty = out.is_dir()
+            && std::fs::read_dir(out)?
+                .flatten()
+                .all(|e| crate::fsutil::is_lock_file(&e.file_name().to_string_lossy()));
         if !empty {
             bail!("cache-merge: {} exists and is not an empty directory", out.display());
         }
@@ -127,10 +132,45 @@ pub fn run(_cli: &Cli, args: &Args) -> Result<()> {
         );
     }
 
+    let created_dir = !out.exists();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let lock = match OutputLock::acquire(out, "wgpu-mlkd cache-merge") {
+        Ok(l) => l,
+        Err(e) => {
+            if created_dir {
+                let _ = std::fs::remove_dir(out);
+            }
+            return Err(e.context("cache-merge"));
+        }
+    };
+    let result = write_merged(out, &args.caches, &caches, &first, subset);
+    if result.is_err() {
+        // Leave no partial cache: remove what this run wrote (the directory was new or empty).
+        if let Ok(entries) = std::fs::read_dir(out) {
+            for e in entries.flatten() {
+                if cache::is_cache_file(&e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        drop(lock);
+        if created_dir {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    result
+}
+
+fn write_merged(
+    out: &Path,
+    dirs: &[PathBuf],
+    caches: &[TeacherCache],
+    first: &Manifest,
+    subset: Option<Subset>,
+) -> Result<()> {
     let mut merged = Manifest::new(first.teacher.clone(), first.layers.clone(), first.dtype, subset);
     let mut index = 0;
-    for (dir, c) in args.caches.iter().zip(&caches) {
+    for (dir, c) in dirs.iter().zip(caches) {
         let m = c.manifest();
         let mut renumber = BTreeMap::new();
         for s in &m.shards {

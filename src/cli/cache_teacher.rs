@@ -24,6 +24,7 @@ use crate::data::cache::{
 };
 use crate::data::dataset::{Dataset, Utterance};
 use crate::data::wav;
+use crate::fsutil::{is_lock_file, OutputLock};
 use crate::gpu::{DType, Tensor};
 use crate::model::{teacher_normalizes, Wav2Vec2, Wav2Vec2Config};
 
@@ -171,16 +172,72 @@ fn free_bytes(dir: &Path) -> Result<Option<u64>> {
     }
 }
 
-/// Opens the cache directory for this run: creates it, resumes it, or refuses it as stale or foreign.
-fn open_cache_dir(out: &Path, fresh: &Manifest, force: bool) -> Result<Manifest> {
+/// The output directory, locked for this run, and what was there before it (so that a run that fails before
+/// caching anything leaves it as it found it).
+struct HeldOutput {
+    lock: OutputLock,
+    created_dir: bool,
+    had_manifest: bool,
+}
+
+impl HeldOutput {
+    /// After a failed run: when this run created the cache and no shard was written, removes what it wrote
+    /// (the empty manifest; the directory too if it made it). A cache that holds shards is kept: it resumes.
+    fn clean_up_after_failure(self, out: &Path) {
+        if self.had_manifest {
+            return;
+        }
+        let empty = match Manifest::read(out) {
+            Ok(m) => m.shards.is_empty(),
+            Err(_) => !out.join(cache::MANIFEST).exists(),
+        };
+        if !empty {
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(out) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if cache::is_cache_file(&name) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        drop(self.lock);
+        if self.created_dir {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+}
+
+/// Creates (if needed) and locks the output directory.
+fn hold_output(out: &Path) -> Result<HeldOutput> {
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
     }
+    let created_dir = !out.exists();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let lock = match OutputLock::acquire(out, "wgpu-mlkd cache-teacher") {
+        Ok(l) => l,
+        Err(e) => {
+            if created_dir {
+                let _ = std::fs::remove_dir(out);
+            }
+            return Err(e);
+        }
+    };
+    Ok(HeldOutput {
+        lock,
+        created_dir,
+        had_manifest: out.join(cache::MANIFEST).exists(),
+    })
+}
+
+/// Opens the (locked) cache directory for this run: resumes it, or refuses it as stale or foreign.
+fn open_cache_dir(out: &Path, fresh: &Manifest, force: bool) -> Result<Manifest> {
     let mut foreign = Vec::new();
     for entry in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        if !cache::is_cache_file(&name) {
+        if !cache::is_cache_file(&name) && !is_lock_file(&name) {
             foreign.push(name);
         }
     }
@@ -224,7 +281,11 @@ fn open_cache_dir(out: &Path, fresh: &Manifest, force: bool) -> Result<Manifest>
         None => {
             // New, forced, or only leftovers of a run killed before its first manifest: start clean.
             for entry in std::fs::read_dir(out)? {
-                let path = entry?.path();
+                let entry = entry?;
+                if is_lock_file(&entry.file_name().to_string_lossy()) {
+                    continue;
+                }
+                let path = entry.path();
                 std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
             }
             fresh.write(out)?;
@@ -307,6 +368,15 @@ fn read_back_rows(t: &Tensor, rows: usize, mut sink: impl FnMut(&[f32]) -> Resul
 }
 
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
+    let mut held = None;
+    let result = run_locked(cli, args, &mut held);
+    if let (Err(_), Some(h)) = (&result, held) {
+        h.clean_up_after_failure(&args.out);
+    }
+    result
+}
+
+fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<()> {
     if args.max_shard_utterances == 0 || args.max_shard_mb == 0 {
         bail!("--max-shard-utterances and --max-shard-mb must be at least 1");
     }
@@ -340,6 +410,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         );
     }
     let fresh = Manifest::new(teacher, layers, args.dtype, args.shard);
+    *held = Some(hold_output(&args.out)?);
     let mut manifest = open_cache_dir(&args.out, &fresh, args.force)?;
     if !manifest.shards.is_empty() {
         TeacherCache::open(&args.out)

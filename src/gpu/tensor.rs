@@ -52,8 +52,12 @@ impl std::fmt::Debug for Tensor {
 impl Tensor {
     /// An uninitialised tensor (its contents are whatever the pooled buffer held).
     pub fn empty(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
-        let numel: usize = shape.iter().product();
-        let bytes = (numel.max(1) * dtype.size()) as u64;
+        // Checked: an absurd shape (from a corrupt file) must be refused, not wrap around to a small buffer.
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .map(|b| b.max(dtype.size()) as u64)
+            .ok_or_else(|| anyhow!("tensor of shape {shape:?}: its size overflows"))?;
         let (buffer, class) = gpu
             .inner
             .pool

@@ -191,6 +191,39 @@ impl Wav2Vec2Config {
         if k == 0 || g == 0 || d % g != 0 {
             bail!("num_conv_pos_embedding_groups = {g} must divide hidden_size = {d} (and num_conv_pos_embeddings = {k} be positive)");
         }
+        // Sizes far beyond any wav2vec 2.0 (XLS-R 2B: hidden 1920, 48 layers) are a corrupt file: refuse them
+        // before they overflow size computations or ask for absurd allocations.
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1 << 10),
+            ("num_conv_pos_embeddings", self.num_conv_pos_embeddings, 1 << 12),
+            ("number of conv layers", n, 64),
+        ] {
+            if v > max {
+                bail!("{name} = {v} is beyond what this program supports (at most {max})");
+            }
+        }
+        for (name, list, max) in [
+            ("conv_dim", &self.conv_dim, 1usize << 16),
+            ("conv_kernel", &self.conv_kernel, 1 << 12),
+            ("conv_stride", &self.conv_stride, 1 << 12),
+        ] {
+            if let Some(v) = list.iter().find(|&&v| v > max) {
+                bail!("{name} contains {v}, beyond what this program supports (at most {max})");
+            }
+        }
+        let mut rf = 1usize;
+        for (k, s) in self.conv_kernel.iter().zip(&self.conv_stride).rev() {
+            rf = match (rf - 1).checked_mul(*s).and_then(|x| x.checked_add(*k)) {
+                Some(x) if x <= 1 << 24 => x,
+                _ => bail!("the conv layers' receptive field is beyond 2^24 samples (conv_kernel / conv_stride)"),
+            };
+        }
+        let stride = self.conv_stride.iter().try_fold(1usize, |a, &s| a.checked_mul(s));
+        if stride.is_none_or(|s| s > 1 << 24) {
+            bail!("the conv layers' total stride (product of conv_stride) is beyond 2^24 samples");
+        }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
             bail!("layer_norm_eps = {} must be a positive number", self.layer_norm_eps);
         }

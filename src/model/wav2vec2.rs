@@ -350,6 +350,37 @@ impl Wav2Vec2 {
         self.config.layer_norm_eps as f32
     }
 
+    /// The longest input [`Wav2Vec2::forward`] takes on this GPU, in 16 kHz samples: the waveform and every
+    /// `[frames, width]` activation (width: hidden size or the last conv's channels) must each fit one storage
+    /// binding (the CNN, the feed-forward and attention are split in chunks; these are not).
+    pub fn max_samples(&self) -> usize {
+        let max = self.gpu.max_binding_bytes() as usize;
+        let width = self.config.hidden_size.max(*self.config.conv_dim.last().unwrap_or(&1));
+        let max_frames = max / (4 * width);
+        // Samples giving at most max_frames frames: (max_frames - 1) strides plus one receptive field.
+        let by_frames = (max_frames.saturating_sub(1))
+            .saturating_mul(self.config.total_stride())
+            .saturating_add(self.config.receptive_field() + self.config.total_stride() - 1);
+        by_frames.min(max / 4)
+    }
+
+    fn check_length(&self, samples: usize, frames: usize) -> Result<()> {
+        let max = self.max_samples();
+        if samples > max {
+            let max_bytes = self.gpu.max_binding_bytes();
+            bail!(
+                "audio of {samples} samples ({:.1} min at 16 kHz, {frames} frames) is longer than this GPU can \
+                 take in one piece: at most {max} samples ({:.1} min), set by its largest storage binding of {} \
+                 bytes ({:.0} MiB); split the file",
+                samples as f64 / 16000.0 / 60.0,
+                max as f64 / 16000.0 / 60.0,
+                max_bytes,
+                max_bytes as f64 / 1048576.0
+            );
+        }
+        Ok(())
+    }
+
     /// Runs the model on one utterance (already normalised if the checkpoint expects it), without gradients.
     pub fn forward(&self, samples: &[f32]) -> Result<Wav2Vec2Output> {
         let frames = self.config.frames(samples.len());
@@ -361,6 +392,7 @@ impl Wav2Vec2 {
                 self.config.receptive_field() as f64 / 16.0
             );
         }
+        self.check_length(samples.len(), frames)?;
         let wave = Tensor::from_slice(&self.gpu, samples, &[1, samples.len(), 1])?;
         let features = self.feature_encoder(&wave).context("feature encoder")?;
         let tape = Tape::no_grad();

@@ -22,10 +22,15 @@ pub const IGNORED_PREFIXES: &[&str] = &[
     "mlkd_heads.",
 ];
 
+/// Most problems [`Checkpoint::finish`] lists one per line.
+const MAX_LISTED_PROBLEMS: usize = 10;
+
 struct Entry {
     shape: Vec<usize>,
     data: Vec<f32>,
     file: PathBuf,
+    /// Its dtype could not be read (already recorded as a problem): taking it reports nothing more.
+    unreadable: bool,
 }
 
 /// All tensors of a checkpoint in f32, keyed by name without the `wav2vec2.` prefix.
@@ -99,13 +104,24 @@ impl Checkpoint {
     /// Takes tensor `name`, which must have `shape`. On a problem it is recorded (see [`Checkpoint::finish`])
     /// and zeros of the expected shape are returned, so that loading goes on and reports every problem at once.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Vec<f32> {
-        let numel = shape.iter().product();
+        let Some(numel) = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .filter(|&n| n <= 1 << 32)
+        else {
+            self.problems
+                .push(format!("{name}: expected shape {shape:?} is too large to load"));
+            return Vec::new();
+        };
         let Some(e) = self.tensors.get(name) else {
             self.problems
                 .push(format!("missing tensor {name} (expected shape {shape:?})"));
             return vec![0.0; numel];
         };
         self.taken.insert(name.to_string());
+        if e.unreadable {
+            return vec![0.0; numel];
+        }
         if e.shape != shape {
             self.problems.push(format!(
                 "{name}: shape {:?}, expected {shape:?} (in {})",
@@ -145,11 +161,20 @@ impl Checkpoint {
             }
         }
         if !problems.is_empty() {
+            // A config.json of another model size mismatches every tensor: show the first few only.
+            let total = problems.len();
+            if total > MAX_LISTED_PROBLEMS {
+                problems.truncate(MAX_LISTED_PROBLEMS - 1);
+                problems.push(format!(
+                    "... and {} more (does config.json describe this checkpoint?)",
+                    total - (MAX_LISTED_PROBLEMS - 1)
+                ));
+            }
             bail!(
                 "checkpoint {} does not match its config.json ({} problem{}):\n  {}",
                 self.dir.display(),
-                problems.len(),
-                if problems.len() == 1 { "" } else { "s" },
+                total,
+                if total == 1 { "" } else { "s" },
                 problems.join("\n  ")
             );
         }
@@ -187,11 +212,11 @@ fn read_file(path: &Path, out: &mut BTreeMap<String, Entry>, problems: &mut Vec<
         )
     })?;
     for (name, view) in st.tensors() {
-        let data = match to_f32(view.dtype(), view.data()) {
-            Ok(d) => d,
+        let (data, unreadable) = match to_f32(view.dtype(), view.data()) {
+            Ok(d) => (d, false),
             Err(e) => {
                 problems.push(format!("{name}: {e} (in {})", path.display()));
-                continue;
+                (Vec::new(), true)
             }
         };
         if out
@@ -201,6 +226,7 @@ fn read_file(path: &Path, out: &mut BTreeMap<String, Entry>, problems: &mut Vec<
                     shape: view.shape().to_vec(),
                     data,
                     file: path.to_path_buf(),
+                    unreadable,
                 },
             )
             .is_some()

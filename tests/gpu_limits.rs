@@ -1,0 +1,66 @@
+//! GPU limits become errors that name the limit, never a panic or a wrapped-around allocation: a tensor
+//! beyond the largest storage binding (checked before anything is allocated, so the test costs nothing) and
+//! a shape whose size overflows.
+
+mod common;
+
+use common::gpu;
+use wgpu_mlkd::gpu::{DType, Tensor};
+
+#[test]
+fn a_tensor_beyond_the_binding_limit_is_refused_naming_the_limit() {
+    let g = gpu();
+    let max = g.max_binding_bytes();
+    let max_mib = format!("{:.1} MiB", max as f64 / 1048576.0);
+    // One f32 more than fits.
+    let n = (max / 4) as usize + 1;
+    for shape in [vec![n], vec![1, n], vec![n / 2 + 1, 2]] {
+        let err = format!("{:#}", Tensor::empty(g, &shape, DType::F32).unwrap_err());
+        eprintln!("{shape:?}: {err}");
+        assert!(
+            err.contains("largest storage binding") && err.contains(&max.to_string()) && err.contains(&max_mib),
+            "{err}"
+        );
+        assert!(err.contains(&format!("{shape:?}")), "{err}");
+    }
+    // Uploads check the same way (the data is not even looked at when the shape is refused).
+    let err = format!("{:#}", Tensor::zeros(g, &[n]).unwrap_err());
+    assert!(err.contains("largest storage binding"), "{err}");
+    // The largest allowed 1-D shape in u32 words is accepted lazily by the size check (not allocated here).
+    assert!((max / 4) as usize * 4 <= max as usize);
+}
+
+#[test]
+fn a_shape_whose_size_overflows_is_refused() {
+    let g = gpu();
+    for shape in [vec![usize::MAX, 2], vec![1 << 40, 1 << 40], vec![usize::MAX / 4 + 1]] {
+        let err = format!("{:#}", Tensor::empty(g, &shape, DType::F32).unwrap_err());
+        eprintln!("{shape:?}: {err}");
+        assert!(
+            err.contains("overflows") || err.contains("largest storage binding"),
+            "{err}"
+        );
+    }
+}
+
+/// Audio longer than the GPU can take in one piece (a 2-hour file on lavapipe's 128 MiB bindings) is refused
+/// up front with the limit and the longest duration that fits, before anything is uploaded.
+#[test]
+fn audio_beyond_the_binding_limit_is_refused_with_the_maximum_length() {
+    let model = wgpu_mlkd::model::Wav2Vec2::load(gpu(), &common::fixture("base_group")).unwrap();
+    let max = model.max_samples();
+    assert!(max <= (gpu().max_binding_bytes() / 4) as usize);
+    eprintln!(
+        "longest input: {max} samples = {:.1} min at 16 kHz",
+        max as f64 / 16000.0 / 60.0
+    );
+    let too_long = vec![0.0f32; max + 1]; // zeroed pages: cheap until touched
+    let err = format!("{:#}", model.forward(&too_long).err().unwrap());
+    eprintln!("{err}");
+    assert!(
+        err.contains("longer than this GPU can take")
+            && err.contains(&format!("at most {max} samples"))
+            && err.contains("largest storage binding"),
+        "{err}"
+    );
+}
