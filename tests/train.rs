@@ -432,3 +432,97 @@ fn a_training_step_is_one_gpu_submission() {
         assert_eq!(n, 1, "a training step took {n} submissions");
     }
 }
+
+/// Kills a training run with SIGKILL `kills` times at random moments (seeded), resuming each time, then lets it
+/// finish: its logged losses and final weights must equal an uninterrupted run's.
+fn kill_loop(name: &str, steps: usize, kills: usize, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let steps_s = steps.to_string();
+    let args = [
+        "--noise",
+        "gen:white",
+        "--steps",
+        &steps_s,
+        "--save-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--val-snr",
+        "0",
+    ];
+    let straight = temp(&format!("{name}-straight"));
+    let t = Instant::now();
+    ok(train(&straight, &args));
+    let full_secs = t.elapsed().as_secs_f64();
+    let run = temp(&format!("{name}-killed"));
+    let (data, cache) = data_and_cache();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let command = |resume: bool| {
+        let mut c = bin();
+        c.args([
+            "train",
+            "--teacher",
+            p(&fixture("base_group")),
+            "--cache",
+            p(cache),
+            "--data",
+            p(data),
+        ])
+        .args(["--out", p(&run), "--batch", "2", "--crop-seconds", "0.2"])
+        .args(args);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    for k in 0..kills {
+        let resume = run.join("run.json").exists();
+        let mut child = command(resume)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let at = Duration::from_secs_f64(rng.gen_range(0.0..full_secs * 1.1));
+        std::thread::sleep(at);
+        let _ = child.kill();
+        let o = child.wait_with_output().unwrap();
+        assert!(!stderr(&o).contains("panicked"), "kill {k}: {}", stderr(&o));
+        eprintln!(
+            "kill {k} at {:.2} s (resume: {resume}): exit {:?}",
+            at.as_secs_f64(),
+            o.status.code()
+        );
+    }
+    let resume = run.join("run.json").exists();
+    ok(command(resume).output().unwrap());
+    assert_eq!(
+        losses(&run),
+        losses(&straight),
+        "the logged losses differ after {kills} kills"
+    );
+    let weights = |r: &Path| std::fs::read(r.join("student/model.safetensors")).unwrap();
+    assert!(
+        weights(&run) == weights(&straight),
+        "the final weights differ after {kills} kills"
+    );
+    let leftovers: Vec<String> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.') && n != ".lock")
+        .collect();
+    assert!(leftovers.is_empty(), "leftovers: {leftovers:?}");
+}
+
+#[test]
+fn repeated_sigkill_resumes_to_identical_losses_and_weights() {
+    kill_loop("kill", 8, 4, 11);
+}
+
+#[test]
+#[ignore = "slow: 25 kills of a longer run"]
+fn repeated_sigkill_resumes_to_identical_losses_and_weights_long() {
+    kill_loop("kill-long", 30, 25, 12);
+}

@@ -391,11 +391,40 @@ fn write_plot(path: &Path, log: &[serde_json::Value], layers: &[usize], val: &[s
     plot::write_png(path, &panels)
 }
 
-/// Refuses an --out that is not a run folder we may use, and clears it for --force.
-fn prepare_run_dir(args: &Args) -> Result<()> {
+/// Locks --out (creating it), refuses it when it is not a run folder we may use, and clears it for --force.
+/// On refusal a folder this call created is removed again.
+fn prepare_run_dir(args: &Args) -> Result<crate::fsutil::OutputLock> {
     let out = &args.out;
     if out.exists() && !out.is_dir() {
         bail!("--out {} exists and is not a directory", out.display());
+    }
+    let created = !out.exists();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let lock = crate::fsutil::OutputLock::acquire(out, "wgpu-mlkd train")?;
+    match check_run_dir(args) {
+        Ok(()) => Ok(lock),
+        Err(e) => {
+            drop(lock);
+            if created {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn check_run_dir(args: &Args) -> Result<()> {
+    let out = &args.out;
+    // Temporary files of a writer that died (we hold the lock: nobody else writes here).
+    for entry in std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))? {
+        let p = entry?.path();
+        let n = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if p.is_file() && n.starts_with('.') && (n.ends_with(".tmp") || n.contains(".tmp.")) {
+            std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
     }
     if args.resume {
         if let Some(from) = recover_interrupted_save(&out.join(CHECKPOINT))? {
@@ -445,13 +474,16 @@ fn prepare_run_dir(args: &Args) -> Result<()> {
                 std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
             }
         }
-    } else if out.is_dir() && std::fs::read_dir(out)?.next().is_some() {
-        bail!(
-            "--out {} is a non-empty folder that holds no training run; choose a new or empty folder",
-            out.display()
-        );
+    } else {
+        let mut entries = std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))?;
+        if entries.any(|e| e.is_ok_and(|e| !crate::fsutil::is_lock_file(&e.file_name().to_string_lossy()))) {
+            bail!(
+                "--out {} is a non-empty folder that holds no training run; choose a new or empty folder",
+                out.display()
+            );
+        }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))
+    Ok(())
 }
 
 /// Writes the student folder atomically: into a temporary sibling, then renamed over `dir`.
@@ -612,7 +644,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         val_utterances: val_ids.clone(),
     };
 
-    prepare_run_dir(args)?;
+    let _lock = prepare_run_dir(args)?;
     let run_json = args.out.join(RUN_JSON);
     if args.resume && run_json.exists() {
         let text = std::fs::read_to_string(&run_json).with_context(|| format!("cannot read {}", run_json.display()))?;
