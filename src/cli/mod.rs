@@ -5,7 +5,10 @@ mod cache_show;
 mod cache_teacher;
 mod dataset;
 mod devices;
+mod eval;
 mod extract;
+mod infer;
+mod ser_train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +47,12 @@ enum Command {
     CacheShow(cache_show::Args),
     /// Join caches made with `cache-teacher --shard K/N` into one verified cache
     CacheMerge(cache_merge::Args),
+    /// Train the emotion classifier on a frozen teacher or student (multi-condition with --noise)
+    SerTrain(ser_train::Args),
+    /// Score SER models on a data set, clean and in noise: WA / UA per noise type and SNR
+    Eval(eval::Args),
+    /// Predict the emotion of a recording (or of each segment) with a SER model
+    Infer(infer::Args),
 }
 
 impl Cli {
@@ -65,5 +74,8 @@ pub fn run() -> Result<()> {
         Command::CacheTeacher(args) => cache_teacher::run(&cli, args),
         Command::CacheShow(args) => cache_show::run(&cli, args),
         Command::CacheMerge(args) => cache_merge::run(&cli, args),
+        Command::SerTrain(args) => ser_train::run(&cli, args),
+        Command::Eval(args) => eval::run(&cli, args),
+        Command::Infer(args) => infer::run(&cli, args),
     }
 }

@@ -4,3 +4,4 @@
 pub mod data;
 
 pub use data::{split_validation, Batch, BatchSampler, SamplerState, SnrChoice, TrainDataConfig};
+pub mod ser;
