@@ -185,6 +185,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         }
         bar.finish_and_clear();
         drop(upstream);
+        let (first_row, first_mean) = (rows.len(), means.len());
         for (c, (noise, snr)) in conds.iter().enumerate() {
             let refs: Vec<&[f32]> = feats[c].iter().map(|f| f.as_slice()).collect();
             let pred = ser::argmax_rows(&ser::predict(&gpu, &model, &refs)?);
@@ -201,10 +202,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             });
         }
         for &db in &dbs {
-            let at: Vec<&ResultRow> = rows
-                .iter()
-                .filter(|r| r.model == model_name && r.snr == Some(db))
-                .collect();
+            let at: Vec<&ResultRow> = rows[first_row..].iter().filter(|r| r.snr == Some(db)).collect();
             let k = at.len() as f64;
             means.push(MeanRow {
                 model: model_name.clone(),
@@ -214,7 +212,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
                 noise_types: at.len(),
             });
         }
-        print_table(&model_name, meta, &rows, &means);
+        print_table(&model_name, meta, &rows[first_row..], &means[first_mean..]);
     }
     if let Some(out) = &args.json {
         let json = serde_json::json!({
@@ -234,6 +232,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// One model's table (`rows` and `means` are that model's).
 fn print_table(model: &str, meta: &crate::model::classifier::SerMeta, rows: &[ResultRow], means: &[MeanRow]) {
     println!(
         "\n{model} (upstream {} {}, {} classes)",
@@ -242,14 +241,14 @@ fn print_table(model: &str, meta: &crate::model::classifier::SerMeta, rows: &[Re
         meta.labels.len()
     );
     println!("{:<24} {:>7} {:>7} {:>6}", "condition", "WA", "UA", "n");
-    for r in rows.iter().filter(|r| r.model == model) {
+    for r in rows {
         let cond = match r.snr {
             None => r.noise.clone(),
             Some(db) => format!("{} @ {db} dB", r.noise),
         };
         println!("{cond:<24} {:>7.3} {:>7.3} {:>6}", r.wa, r.ua, r.n);
     }
-    for m in means.iter().filter(|m| m.model == model) {
+    for m in means {
         let cond = format!("mean of {} @ {} dB", m.noise_types, m.snr);
         println!("{cond:<24} {:>7.3} {:>7.3}", m.wa, m.ua);
     }

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     noise_type_from_dir: bool,
     /// Training SNRs in dB (comma-separated; `clean` allowed), drawn uniformly for each noisy condition
-    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "0,5,10,20")]
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "0,5,10,15,20")]
     snr: Vec<SnrChoice>,
     /// Noisy versions per training utterance (besides the clean one)
     #[arg(long, default_value_t = 4)]

@@ -241,7 +241,8 @@ pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Pooled features of every (utterance, condition): `out[i][k]` for `utts[i]` and `conds[i][k]`, from `cache`
-/// when there, saved to it every `save_every` new entries and at the end.
+/// when there, saved to it every `save_every` new entries (or an eighth of its size, when larger) and at the
+/// end. All are kept in memory (`L * D * 4` bytes each: 40 KB for wav2vec2-base).
 pub fn extract_training_features(
     upstream: &Upstream,
     utts: &[&Utterance],
@@ -274,7 +275,9 @@ pub fn extract_training_features(
                 .with_context(|| format!("{}: upstream features ({})", u.path.display(), cond.label()))?;
             if let Some(c) = cache.as_deref_mut() {
                 c.insert(name, f.clone());
-                if c.dirty() >= save_every {
+                // Every `save_every` new entries, and at least an eighth of the cache's size, so that the
+                // rewrites of a large cache add up to a bounded multiple of its final size.
+                if c.dirty() >= save_every.max(c.len() / 8) {
                     c.save()?;
                 }
             }
