@@ -343,12 +343,9 @@ fn plot(out: &Path, rows: &[ResultRow]) -> Result<()> {
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
             .map_err(|e| err(e.to_string()))?;
         if text {
-            let name = Path::new(&model)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or(model);
+            // The --ser path as given: two models' folders may share their last component.
             drawn
-                .label(format!("{name}: {noise}"))
+                .label(format!("{model}: {noise}"))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
