@@ -200,3 +200,107 @@ fn log_sigmoid_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workg
         lsbw_dx[i] = lsbw_dy[i] * select(1.0, e, x >= 0.0) / (1.0 + e);
     }
 }
+
+// Weighted cross-entropy of the emotion classifier (torch's cross_entropy with `weight`, reduction "mean"):
+// loss = sum_b w[y_b] * (-log softmax(x_b)[y_b]) / sum_b w[y_b]. B = rows (items), C = classes.
+// A row whose label is not below C contributes nothing (a kernel cannot report an error; callers check
+// labels on the host).
+
+struct CeParams {
+    rows: u32,    // B
+    classes: u32, // C
+}
+
+@group(0) @binding(0) var<uniform> cer_p: CeParams;
+@group(0) @binding(1) var<storage, read> cer_logits: array<f32>;       // (B, C)
+@group(0) @binding(2) var<storage, read> cer_labels: array<u32>;       // (B)
+@group(0) @binding(3) var<storage, read> cer_weights: array<f32>;      // (C)
+@group(0) @binding(4) var<storage, read_write> cer_probs: array<f32>;  // (B, C) softmax, for the backward
+@group(0) @binding(5) var<storage, read_write> cer_terms: array<f32>;  // (B, 2) = (w_y * nll, w_y)
+
+// Stage 1, one invocation per row: log-sum-exp with the max subtracted, the softmax, and the row's weighted
+// negative log-likelihood lse - x_y.
+@compute @workgroup_size(256)
+fn cross_entropy_rows_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) li: u32) {
+    let r = (wg.x + wg.y * nwg.x) * WG + li;
+    if (r >= cer_p.rows) {
+        return;
+    }
+    let c = cer_p.classes;
+    let base = r * c;
+    var m = cer_logits[base];
+    for (var j = 1u; j < c; j = j + 1u) {
+        m = max(m, cer_logits[base + j]);
+    }
+    var z = 0.0;
+    for (var j = 0u; j < c; j = j + 1u) {
+        z = z + exp(cer_logits[base + j] - m);
+    }
+    for (var j = 0u; j < c; j = j + 1u) {
+        cer_probs[base + j] = exp(cer_logits[base + j] - m) / z;
+    }
+    let y = cer_labels[r];
+    var nll = 0.0;
+    var w = 0.0;
+    if (y < c) {
+        w = cer_weights[y];
+        nll = w * (m + log(z) - cer_logits[base + y]);
+    }
+    cer_terms[2u * r] = nll;
+    cer_terms[2u * r + 1u] = w;
+}
+
+@group(0) @binding(0) var<uniform> cet_p: CeParams;
+@group(0) @binding(1) var<storage, read> cet_terms: array<f32>;        // (B, 2)
+@group(0) @binding(2) var<storage, read_write> cet_loss: array<f32>;   // (1)
+@group(0) @binding(3) var<storage, read_write> cet_wsum: array<f32>;   // (1) sum_b w_y, for the backward
+
+// Stage 2, one workgroup: the two sums over rows (strided runs, then the fixed tree), then their ratio
+// (0 when every row's weight is 0, rather than 0 / 0).
+@compute @workgroup_size(256)
+fn cross_entropy_total_forward(@builtin(local_invocation_index) li: u32) {
+    var nll = 0.0;
+    var w = 0.0;
+    for (var r = li; r < cet_p.rows; r = r + WG) {
+        nll = nll + cet_terms[2u * r];
+        w = w + cet_terms[2u * r + 1u];
+    }
+    tree_a[li] = nll;
+    tree_b[li] = w;
+    tree_c[li] = 0.0;
+    tree_sum(li, true);
+    if (li == 0u) {
+        let total_w = tree_b[0];
+        cet_loss[0] = select(0.0, tree_a[0] / total_w, total_w != 0.0);
+        cet_wsum[0] = total_w;
+    }
+}
+
+@group(0) @binding(0) var<uniform> cebw_p: CeParams;
+@group(0) @binding(1) var<storage, read> cebw_probs: array<f32>;       // (B, C) the forward's softmax
+@group(0) @binding(2) var<storage, read> cebw_labels: array<u32>;      // (B)
+@group(0) @binding(3) var<storage, read> cebw_weights: array<f32>;     // (C)
+@group(0) @binding(4) var<storage, read> cebw_wsum: array<f32>;        // (1) the forward's sum_b w_y
+@group(0) @binding(5) var<storage, read> cebw_dloss: array<f32>;       // (1)
+@group(0) @binding(6) var<storage, read_write> cebw_dx: array<f32>;    // (B, C)
+
+// dlogits[b, c] = dloss * w_{y_b} / sum w * (softmax(x_b)_c - [c == y_b]).
+@compute @workgroup_size(256)
+fn cross_entropy_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                          @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i >= cebw_p.rows * cebw_p.classes) {
+        return;
+    }
+    let r = i / cebw_p.classes;
+    let j = i % cebw_p.classes;
+    let y = cebw_labels[r];
+    let total_w = cebw_wsum[0];
+    var g = 0.0;
+    if (y < cebw_p.classes && total_w != 0.0) {
+        let onehot = select(0.0, 1.0, j == y);
+        g = cebw_dloss[0] * cebw_weights[y] / total_w * (cebw_probs[i] - onehot);
+    }
+    cebw_dx[i] = g;
+}

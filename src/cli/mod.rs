@@ -6,7 +6,10 @@ mod cache_show;
 mod cache_teacher;
 mod dataset;
 mod devices;
+mod eval;
 mod extract;
+mod infer;
+mod ser_train;
 mod train;
 
 use anyhow::Result;
@@ -50,6 +53,12 @@ enum Command {
     Train(Box<train::Args>),
     /// Time the teacher forward or a training step on the selected adapter (for benches/compare.sh)
     Bench(bench::Args),
+    /// Train the emotion classifier on a frozen teacher or student (multi-condition with --noise)
+    SerTrain(ser_train::Args),
+    /// Score SER models on a data set, clean and in noise: WA / UA per noise type and SNR
+    Eval(eval::Args),
+    /// Predict the emotion of a recording (or of each segment) with a SER model
+    Infer(infer::Args),
 }
 
 impl Cli {
@@ -60,6 +69,34 @@ impl Cli {
     fn open_gpu(&self) -> Result<Gpu> {
         Gpu::new(&self.gpu_options())
     }
+}
+
+/// The noise bank of the `--noise` / `--noise-gen` options every command shares: folders (searched
+/// recursively) or WAV files, `gen:NAME` entries among them, and generator names; `None` when none is given.
+pub(crate) fn noise_bank(
+    noise: &[std::path::PathBuf],
+    generators: &[String],
+    type_from_dir: bool,
+    seed: u64,
+) -> Result<Option<crate::data::noise::NoiseBank>> {
+    let mut dirs = Vec::new();
+    let mut gens: Vec<String> = generators.iter().map(|g| g.trim().to_string()).collect();
+    for n in noise {
+        match n.to_str().and_then(|s| s.strip_prefix("gen:")) {
+            Some(g) => gens.push(g.to_string()),
+            None => dirs.push(n.clone()),
+        }
+    }
+    gens.retain(|g| !g.is_empty());
+    if dirs.is_empty() && gens.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::data::noise::NoiseBank::load(
+        &dirs,
+        &gens,
+        type_from_dir,
+        seed,
+    )?))
 }
 
 pub fn run() -> Result<()> {
@@ -73,5 +110,8 @@ pub fn run() -> Result<()> {
         Command::CacheMerge(args) => cache_merge::run(&cli, args),
         Command::Train(args) => train::run(&cli, args),
         Command::Bench(args) => bench::run(&cli, args),
+        Command::SerTrain(args) => ser_train::run(&cli, args),
+        Command::Eval(args) => eval::run(&cli, args),
+        Command::Infer(args) => infer::run(&cli, args),
     }
 }

@@ -49,10 +49,13 @@ pub struct Args {
     /// The clean speech: a data set folder (EmoDB, IEMOCAP) or a CSV manifest
     #[arg(long, value_name = "DIR|CSV")]
     data: PathBuf,
-    /// Noise: a folder of WAV files (searched recursively) or one file, or gen:NAME for a generator
-    /// (white, pink, brown); repeat for several. Not needed with --snr clean
+    /// Noise: a folder of WAV files (searched recursively) or one file, or gen:NAME for a generator;
+    /// repeat for several. Not needed with --snr clean
     #[arg(long, value_name = "DIR|FILE|gen:NAME")]
-    noise: Vec<String>,
+    noise: Vec<PathBuf>,
+    /// Built-in noise generators to add (comma-separated), e.g. white,pink,brown
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    noise_gen: Vec<String>,
     /// Name noise types after their folders instead of their file names
     #[arg(long)]
     noise_type_from_dir: bool,
@@ -126,7 +129,7 @@ pub struct Args {
     val_snr: String,
     /// Noise for validation, as --noise [default: the training noise]; use unseen noise types here
     #[arg(long, value_name = "DIR|FILE|gen:NAME")]
-    val_noise: Vec<String>,
+    val_noise: Vec<PathBuf>,
     /// Validate every N steps and at the end (0: only at the end)
     #[arg(long, value_name = "N")]
     eval_every: Option<usize>,
@@ -237,18 +240,6 @@ fn parse_layer_list(s: &str) -> Result<Vec<usize>> {
                 .with_context(|| format!("layer list {s:?}: {p:?} is not a layer number"))
         })
         .collect()
-}
-
-/// A noise bank from `--noise` values (folders, files, `gen:NAME`).
-pub fn noise_bank(specs: &[String], type_from_dir: bool, seed: u64) -> Result<NoiseBank> {
-    let (mut dirs, mut gens) = (Vec::new(), Vec::new());
-    for s in specs {
-        match s.strip_prefix("gen:") {
-            Some(g) => gens.push(g.to_string()),
-            None => dirs.push(PathBuf::from(s)),
-        }
-    }
-    NoiseBank::load(&dirs, &gens, type_from_dir, seed)
 }
 
 /// Reads `path`'s JSON lines, keeping those whose `step` is at most `max_step`; rewrites the file when any
@@ -598,18 +589,14 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     val_ids.truncate(args.val_max);
 
     let clean_only = snrs.iter().all(|s| *s == SnrChoice::Clean);
-    let noise = if args.noise.is_empty() {
-        if !clean_only {
-            bail!("give --noise (folders, files or gen:NAME), or --snr clean to distil on clean input");
-        }
-        NoiseBank::default()
-    } else {
-        noise_bank(&args.noise, args.noise_type_from_dir, args.seed)?
+    let noise = match super::noise_bank(&args.noise, &args.noise_gen, args.noise_type_from_dir, args.seed)? {
+        Some(bank) => bank,
+        None if clean_only => NoiseBank::default(),
+        None => bail!("give --noise (folders, files or gen:NAME), or --snr clean to distil on clean input"),
     };
-    let val_noise = if args.val_noise.is_empty() {
-        noise.clone()
-    } else {
-        noise_bank(&args.val_noise, args.noise_type_from_dir, args.seed ^ 0x76616c)?
+    let val_noise = match super::noise_bank(&args.val_noise, &[], args.noise_type_from_dir, args.seed ^ 0x76616c)? {
+        Some(bank) => bank,
+        None => noise.clone(),
     };
     if val_noise.sources.is_empty() && val_snrs.iter().any(|s| matches!(s, SnrChoice::Db(_))) && !val_ids.is_empty() {
         bail!("validation at an SNR needs noise: give --noise or --val-noise, or --val-snr clean");
@@ -629,7 +616,12 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         teacher_weights_sha256: teacher_info.weights_sha256.clone(),
         cache: manifest_id(&cache),
         data: args.data.display().to_string(),
-        noise: args.noise.clone(),
+        noise: args
+            .noise
+            .iter()
+            .map(|n| n.display().to_string())
+            .chain(args.noise_gen.iter().map(|g| format!("gen:{g}")))
+            .collect(),
         student_layers: args.student_layers,
         targets: targets.clone(),
         data_config: DataSettings {

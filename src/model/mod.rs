@@ -1,9 +1,11 @@
 //! Models: the wav2vec 2.0 teacher (and, later, the student and the emotion classifier).
 
 pub mod checkpoint;
+pub mod classifier;
 pub mod config;
 pub mod student;
 pub mod synthetic;
+pub mod upstream;
 pub mod wav2vec2;
 pub mod weights;
 

@@ -88,6 +88,22 @@ impl Checkpoint {
         })
     }
 
+    /// Opens one safetensors file (a SER classifier's weights), names as stored.
+    pub fn open_file(path: &Path) -> Result<Checkpoint> {
+        if !path.is_file() {
+            bail!("{}: no such weights file", path.display());
+        }
+        let mut tensors = BTreeMap::new();
+        let mut problems = Vec::new();
+        read_file(path, &mut tensors, &mut problems)?;
+        Ok(Checkpoint {
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            tensors,
+            taken: BTreeSet::new(),
+            problems,
+        })
+    }
+
     /// Adds the tensors of one more safetensors file (e.g. a student's separate `heads.safetensors`).
     pub fn add_file(&mut self, path: &Path) -> Result<()> {
         read_file(path, &mut self.tensors, &mut self.problems)

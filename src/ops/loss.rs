@@ -238,6 +238,104 @@ pub fn distill_loss_backward(
     Ok(dp)
 }
 
+/// What [`cross_entropy_train`] returns: the loss and what its backward reads.
+#[derive(Debug)]
+pub struct CrossEntropy {
+    /// `[1]`: `sum_b w[y_b] * -log softmax(x_b)[y_b] / sum_b w[y_b]` (0 when every row's weight is 0).
+    pub loss: Tensor,
+    /// `[B, C]`: the softmax of the logits (the classifier's probabilities).
+    pub probs: Tensor,
+    /// `[1]`: `sum_b w[y_b]`.
+    pub weight_sum: Tensor,
+}
+
+fn check_ce(op: &str, logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<(usize, usize)> {
+    check_f32(op, "logits", logits)?;
+    check_f32(op, "weights", weights)?;
+    let &[b, c] = logits.shape() else {
+        anyhow::bail!("{op}: logits must be [B, C], got {:?}", logits.shape())
+    };
+    ensure!(b > 0 && c > 0, "{op}: logits {:?} are empty", logits.shape());
+    ensure!(
+        labels.dtype() == DType::U32 && labels.shape() == [b],
+        "{op}: labels must be u32 [{b}], got {:?} {:?}",
+        labels.dtype(),
+        labels.shape()
+    );
+    ensure!(
+        weights.shape() == [c],
+        "{op}: class weights must be [{c}], got {:?}",
+        weights.shape()
+    );
+    Ok((b, c))
+}
+
+/// Class-weighted cross-entropy of `logits` `[B, C]` against `labels` (u32 `[B]`) with class `weights` `[C]`,
+/// as torch's `cross_entropy(logits, labels, weight=weights)` (reduction "mean": the weighted mean). A label
+/// not below C makes its row count for nothing (check labels on the host: [`crate::tape::Tape`]'s op does).
+pub fn cross_entropy_train(logits: &Tensor, labels: &Tensor, weights: &Tensor) -> Result<CrossEntropy> {
+    let (b, c) = check_ce("cross_entropy", logits, labels, weights)?;
+    let gpu = logits.gpu();
+    let probs = Tensor::empty(gpu, &[b, c], DType::F32)?;
+    let terms = Tensor::empty(gpu, &[b, 2], DType::F32)?;
+    let params = [b as u32, c as u32];
+    gpu.dispatch(
+        &SHADER,
+        "cross_entropy_rows_forward",
+        &[
+            logits.buffer(),
+            labels.buffer(),
+            weights.buffer(),
+            probs.buffer(),
+            terms.buffer(),
+        ],
+        &params,
+        groups(b),
+    )?;
+    let loss = Tensor::empty(gpu, &[1], DType::F32)?;
+    let weight_sum = Tensor::empty(gpu, &[1], DType::F32)?;
+    gpu.dispatch(
+        &SHADER,
+        "cross_entropy_total_forward",
+        &[terms.buffer(), loss.buffer(), weight_sum.buffer()],
+        &params,
+        1,
+    )?;
+    Ok(CrossEntropy {
+        loss,
+        probs,
+        weight_sum,
+    })
+}
+
+/// Backward of [`cross_entropy_train`]: `dlogits[b, c] = dloss * w[y_b] / sum w * (p[b, c] - [c == y_b])`.
+pub fn cross_entropy_backward(
+    saved: &CrossEntropy,
+    labels: &Tensor,
+    weights: &Tensor,
+    dloss: &Tensor,
+) -> Result<Tensor> {
+    let op = "cross_entropy_backward";
+    let (b, c) = check_ce(op, &saved.probs, labels, weights)?;
+    check_scalar(op, "dloss", dloss)?;
+    let dx = Tensor::empty(dloss.gpu(), &[b, c], DType::F32)?;
+    dloss.gpu().dispatch(
+        &SHADER,
+        "cross_entropy_backward",
+        &[
+            saved.probs.buffer(),
+            labels.buffer(),
+            weights.buffer(),
+            saved.weight_sum.buffer(),
+            dloss.buffer(),
+            dx.buffer(),
+        ],
+        &[b as u32, c as u32],
+        groups(b * c),
+    )?;
+    Ok(dx)
+}
+
 /// CPU references in f64 (inputs in f64 too, so that finite differences can perturb them).
 pub mod reference {
     pub const EPS: f64 = super::COSINE_EPS as f64;
@@ -326,6 +424,34 @@ pub mod reference {
             .zip(dp_cos)
             .map(|(a, b)| a + b)
             .collect()
+    }
+
+    /// torch's weighted-mean cross-entropy over rows of `c` logits.
+    pub fn cross_entropy(x: &[f64], labels: &[u32], w: &[f64], c: usize) -> f64 {
+        let (mut num, mut den) = (0.0, 0.0);
+        for (row, &y) in x.chunks(c).zip(labels) {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + row.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            num += w[y as usize] * (lse - row[y as usize]);
+            den += w[y as usize];
+        }
+        num / den
+    }
+
+    /// d cross_entropy / dx, times `dloss`.
+    pub fn cross_entropy_backward(x: &[f64], labels: &[u32], w: &[f64], c: usize, dloss: f64) -> Vec<f64> {
+        let den: f64 = labels.iter().map(|&y| w[y as usize]).sum();
+        let mut dx = Vec::with_capacity(x.len());
+        for (row, &y) in x.chunks(c).zip(labels) {
+            let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            for (j, v) in row.iter().enumerate() {
+                let p = (v - m).exp() / z;
+                let onehot = if j == y as usize { 1.0 } else { 0.0 };
+                dx.push(dloss * w[y as usize] / den * (p - onehot));
+            }
+        }
+        dx
     }
 }
 
@@ -596,5 +722,81 @@ mod tests {
         .to_vec()
         .unwrap();
         assert_close("distill grad vs torch", &dp, &TORCH_DP, Tol::KERNEL);
+    }
+
+    /// Labels and class weights for the cross-entropy tests: every class weighted differently.
+    fn ce_case(seed: u64, b: usize, c: usize) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+        let x = random_vec(seed, b * c, 4.0);
+        let labels = (0..b).map(|i| ((i * 7 + seed as usize) % c) as u32).collect();
+        let w = random_vec(seed + 1, c, 1.0).iter().map(|v| 1.25 + v).collect();
+        (x, labels, w)
+    }
+
+    #[test]
+    fn cross_entropy_fixed_case() {
+        // Two rows, equal logits: -log(1/3) each, whatever the weights.
+        let gpu = test_gpu();
+        let ce = cross_entropy_train(
+            &upload(&[0.0; 6], &[2, 3]),
+            &Tensor::from_u32(gpu, &[0, 2], &[2]).unwrap(),
+            &upload(&[1.0, 5.0, 3.0], &[3]),
+        )
+        .unwrap();
+        let loss = ce.loss.to_vec().unwrap()[0] as f64;
+        assert!((loss - 3f64.ln()).abs() < 1e-6, "{loss}");
+        assert_eq!(ce.weight_sum.to_vec().unwrap(), vec![4.0]);
+    }
+
+    #[test]
+    fn cross_entropy_matches_reference() {
+        let gpu = test_gpu();
+        for (seed, b, c) in [(21, 1, 4), (22, 37, 7), (23, 300, 5)] {
+            let (x, labels, w) = ce_case(seed, b, c);
+            let ce = cross_entropy_train(
+                &upload(&x, &[b, c]),
+                &Tensor::from_u32(gpu, &labels, &[b]).unwrap(),
+                &upload(&w, &[c]),
+            )
+            .unwrap();
+            let want = reference::cross_entropy(&f64s(&x), &labels, &f64s(&w), c);
+            assert_close(
+                &format!("cross_entropy {b}x{c}"),
+                &ce.loss.to_vec().unwrap(),
+                &[want],
+                Tol::KERNEL,
+            );
+        }
+    }
+
+    #[test]
+    fn cross_entropy_reference_grad_matches_finite_differences() {
+        let (b, c) = (6, 4);
+        let (x, labels, w) = ce_case(31, b, c);
+        let (x, w) = (f64s(&x), f64s(&w));
+        check_fd(
+            "cross_entropy reference",
+            &x,
+            &reference::cross_entropy_backward(&x, &labels, &w, c, 1.0),
+            1e-6,
+            |x| reference::cross_entropy(x, &labels, &w, c),
+        );
+    }
+
+    #[test]
+    fn cross_entropy_backward_grad_matches_reference() {
+        let gpu = test_gpu();
+        for (seed, b, c) in [(41, 1, 4), (42, 37, 7), (43, 300, 5)] {
+            let (x, labels, w) = ce_case(seed, b, c);
+            let lt = Tensor::from_u32(gpu, &labels, &[b]).unwrap();
+            let wt = upload(&w, &[c]);
+            let ce = cross_entropy_train(&upload(&x, &[b, c]), &lt, &wt).unwrap();
+            let dx = cross_entropy_backward(&ce, &lt, &wt, &upload(&[0.7], &[1])).unwrap();
+            assert_close(
+                &format!("cross_entropy backward {b}x{c}"),
+                &dx.to_vec().unwrap(),
+                &reference::cross_entropy_backward(&f64s(&x), &labels, &f64s(&w), c, 0.7),
+                Tol::KERNEL,
+            );
+        }
     }
 }

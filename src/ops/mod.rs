@@ -7,6 +7,7 @@ pub mod attention;
 pub mod conv1d;
 pub mod dropout;
 pub mod elementwise;
+pub mod layer_mix;
 pub mod loss;
 pub mod matmul;
 pub mod norm;

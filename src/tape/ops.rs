@@ -8,7 +8,7 @@ use super::{Tape, Var};
 use crate::gpu::Tensor;
 use crate::ops::conv1d::{self, Conv1dWeight};
 use crate::ops::dropout::DropoutMask;
-use crate::ops::{attention, dropout, elementwise, loss, matmul, norm, reduce, slice, weight_norm};
+use crate::ops::{attention, dropout, elementwise, layer_mix, loss, matmul, norm, reduce, slice, weight_norm};
 
 impl Tape {
     /// Whether an op on these inputs is recorded.
@@ -250,6 +250,41 @@ impl Tape {
         let y = loss::log_sigmoid(x.value())?;
         let xs = x.value().clone();
         Ok(self.push(y, &[x], move |dy| Ok(vec![Some(loss::log_sigmoid_backward(&xs, dy)?)])))
+    }
+}
+
+impl Tape {
+    /// `x [B, L, D]`, logits `w [L]` -> `[B, D]`: the softmax(w)-weighted sum of the L layers of every item
+    /// (the emotion classifier's layer mix).
+    pub fn layer_mix(&self, x: &Var, w: &Var) -> Result<Var> {
+        let y = layer_mix::layer_mix(x.value(), w.value())?;
+        let (xs, ws, need_dx) = (x.value().clone(), w.value().clone(), x.needs_grad());
+        Ok(self.push(y, &[x, w], move |dy| {
+            let (dw, dx) = layer_mix::layer_mix_backward(dy, &xs, &ws, need_dx)?;
+            Ok(vec![dx, Some(dw)])
+        }))
+    }
+
+    /// Class-weighted cross-entropy of `logits [B, C]` against `labels` (checked to be below C), torch's
+    /// weighted mean; returns the loss `[1]` and the softmax probabilities `[B, C]`.
+    pub fn cross_entropy(&self, logits: &Var, labels: &[u32], weights: &Tensor) -> Result<(Var, Tensor)> {
+        let &[b, c] = logits.shape() else {
+            bail!("cross_entropy: logits must be [B, C], got {:?}", logits.shape())
+        };
+        if labels.len() != b {
+            bail!("cross_entropy: {} labels for {b} rows of logits", labels.len());
+        }
+        if let Some(y) = labels.iter().find(|&&y| y as usize >= c) {
+            bail!("cross_entropy: label {y} is not below the {c} classes");
+        }
+        let labels = Tensor::from_u32(logits.value().gpu(), labels, &[b])?;
+        let saved = loss::cross_entropy_train(logits.value(), &labels, weights)?;
+        let (loss_t, probs) = (saved.loss.clone(), saved.probs.clone());
+        let weights = weights.clone();
+        let y = self.push(loss_t, &[logits], move |dy| {
+            Ok(vec![Some(loss::cross_entropy_backward(&saved, &labels, &weights, dy)?)])
+        });
+        Ok((y, probs))
     }
 }
 

@@ -9,3 +9,4 @@ pub mod validation;
 pub use data::{split_validation, Batch, BatchSampler, SamplerState, SnrChoice, TrainDataConfig};
 pub use trainer::{NonFinite, OptimConfig, StepRecord, Trainer, TrainerState};
 pub use validation::{ValidationReport, ValidationSet};
+pub mod ser;
