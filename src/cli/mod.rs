@@ -100,18 +100,22 @@ pub(crate) fn noise_bank(
 }
 
 pub fn run() -> Result<()> {
-    let cli = Cli::parse();
+    dispatch(&Cli::parse())
+}
+
+/// Runs the parsed command line (the demo runs its steps through here too).
+fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Dataset(args) => dataset::run(&cli, args),
-        Command::Devices(args) => devices::run(&cli, args),
-        Command::Extract(args) => extract::run(&cli, args),
-        Command::CacheTeacher(args) => cache_teacher::run(&cli, args),
-        Command::CacheShow(args) => cache_show::run(&cli, args),
-        Command::CacheMerge(args) => cache_merge::run(&cli, args),
-        Command::Train(args) => train::run(&cli, args),
-        Command::Bench(args) => bench::run(&cli, args),
-        Command::SerTrain(args) => ser_train::run(&cli, args),
-        Command::Eval(args) => eval::run(&cli, args),
-        Command::Infer(args) => infer::run(&cli, args),
+        Command::Dataset(args) => dataset::run(cli, args),
+        Command::Devices(args) => devices::run(cli, args),
+        Command::Extract(args) => extract::run(cli, args),
+        Command::CacheTeacher(args) => cache_teacher::run(cli, args),
+        Command::CacheShow(args) => cache_show::run(cli, args),
+        Command::CacheMerge(args) => cache_merge::run(cli, args),
+        Command::Train(args) => train::run(cli, args),
+        Command::Bench(args) => bench::run(cli, args),
+        Command::SerTrain(args) => ser_train::run(cli, args),
+        Command::Eval(args) => eval::run(cli, args),
+        Command::Infer(args) => infer::run(cli, args),
     }
 }
