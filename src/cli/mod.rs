@@ -6,6 +6,8 @@ mod cache_teacher;
 mod dataset;
 mod devices;
 mod extract;
+mod make_teacher;
+mod synth_data;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -44,6 +46,10 @@ enum Command {
     CacheShow(cache_show::Args),
     /// Join caches made with `cache-teacher --shard K/N` into one verified cache
     CacheMerge(cache_merge::Args),
+    /// Write a seeded synthetic emotional-speech corpus (EmoDB layout, 4 emotions) for the demo and tests
+    SynthData(synth_data::Args),
+    /// Pretrain a small wav2vec 2.0 teacher (masked log-mel reconstruction, no labels) on clean speech
+    MakeTeacher(make_teacher::Args),
 }
 
 impl Cli {
@@ -65,5 +71,7 @@ pub fn run() -> Result<()> {
         Command::CacheTeacher(args) => cache_teacher::run(&cli, args),
         Command::CacheShow(args) => cache_show::run(&cli, args),
         Command::CacheMerge(args) => cache_merge::run(&cli, args),
+        Command::SynthData(args) => synth_data::run(&cli, args),
+        Command::MakeTeacher(args) => make_teacher::run(&cli, args),
     }
 }

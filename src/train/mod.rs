@@ -2,5 +2,6 @@
 //! resumable sampling, the validation split).
 
 pub mod data;
+pub mod pretrain;
 
 pub use data::{split_validation, Batch, BatchSampler, SamplerState, SnrChoice, TrainDataConfig};
