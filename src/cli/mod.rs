@@ -5,11 +5,14 @@ mod cache_merge;
 mod cache_show;
 mod cache_teacher;
 mod dataset;
+mod demo;
 mod devices;
 mod eval;
 mod extract;
 mod infer;
+mod make_teacher;
 mod ser_train;
+mod synth_data;
 mod train;
 
 use anyhow::Result;
@@ -59,6 +62,13 @@ enum Command {
     Eval(eval::Args),
     /// Predict the emotion of a recording (or of each segment) with a SER model
     Infer(infer::Args),
+    /// Write a seeded synthetic emotional-speech corpus (EmoDB layout, 4 emotions) for the demo and tests
+    SynthData(synth_data::Args),
+    /// Pretrain a small wav2vec 2.0 teacher (masked log-mel reconstruction, no labels) on clean speech
+    MakeTeacher(make_teacher::Args),
+    /// The whole pipeline in one go, nothing to download: synthetic speech, the embedded demo teacher,
+    /// distillation, emotion classifiers, and the teacher-versus-student table in unseen noise
+    Demo(demo::Args),
 }
 
 impl Cli {
@@ -117,5 +127,8 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::SerTrain(args) => ser_train::run(cli, args),
         Command::Eval(args) => eval::run(cli, args),
         Command::Infer(args) => infer::run(cli, args),
+        Command::SynthData(args) => synth_data::run(cli, args),
+        Command::MakeTeacher(args) => make_teacher::run(cli, args),
+        Command::Demo(args) => demo::run(cli, args),
     }
 }

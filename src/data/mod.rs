@@ -4,6 +4,8 @@
 
 pub mod cache;
 pub mod dataset;
+pub mod mel;
 pub mod noise;
 pub mod resample;
+pub mod synth;
 pub mod wav;

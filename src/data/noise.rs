@@ -1,5 +1,5 @@
 //! Noise for training and evaluation: noise sources (WAV recordings, resampled to 16 kHz, and the
-//! seeded generators `white`, `pink`, `brown`) and mixing at a target SNR.
+//! seeded generators `white`, `pink`, `brown`, `babble`, `car`, `cafe`, `hum`) and mixing at a target SNR.
 //!
 //! Mixing (the method's definition): `noisy = clean + n * sqrt(P_clean / (P_n * 10^(s/10)))` with
 //! `P` the mean square over the utterance and `n` a segment of the noise as long as the utterance,
@@ -21,6 +21,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::f64::consts::TAU;
+
 use anyhow::{bail, Context as _, Result};
 use rand::{Rng, SeedableRng};
 
@@ -38,8 +40,8 @@ pub const OFFSET_TRIES: usize = 32;
 pub const GENERATED_SECONDS: usize = 60;
 /// RMS level of generated noise (-20 dBFS).
 pub const GENERATED_RMS: f64 = 0.1;
-/// Names of the built-in generators.
-pub const GENERATORS: [&str; 3] = ["white", "pink", "brown"];
+/// Names of the built-in generators: three coloured noises and four realistic types (see [`generate`]).
+pub const GENERATORS: [&str; 7] = ["white", "pink", "brown", "babble", "car", "cafe", "hum"];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct NoiseSource {
@@ -162,10 +164,23 @@ pub fn mean_square(x: &[f32]) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Generators
 
-/// `len` samples of `white`, `pink` or `brown` noise at [`GENERATED_RMS`], zero mean, seeded by
-/// `seed` and the name. White is Gaussian; pink is white through Paul Kellet's refined 7-pole
-/// filter (-3 dB/octave within about 0.05 dB over all but the lowest 0.02% of the band); brown is
-/// white through a leaky integrator `y = 0.998 y + w` (-6 dB/octave above about 5 Hz at 16 kHz).
+/// `len` samples of a generated noise at [`GENERATED_RMS`], zero mean, seeded by `seed` and the name.
+///
+/// - `white` is Gaussian; `pink` is white through Paul Kellet's refined 7-pole filter (-3 dB/octave
+///   within about 0.05 dB over all but the lowest 0.02% of the band); `brown` is white through a leaky
+///   integrator `y = 0.998 y + w` (-6 dB/octave above about 5 Hz at 16 kHz).
+/// - `babble`: overlapping speech, as real babble is: 8 independent synthetic talkers
+///   ([`crate::data::synth`], a speaker population of its own, random emotions and texts, pauses of
+///   0-0.4 s between utterances, random start offsets, levels +-3 dB), summed.
+/// - `car`: an idling-to-cruising engine (firing frequency 2 x rpm / 60 for a four-stroke four-cylinder,
+///   rpm drifting slowly between about 1500 and 2900, 8 harmonics falling as 1/k) plus road rumble (brown
+///   noise through a 250 Hz low-pass) and faint tyre/wind hiss (pink, -30 dB): nearly all energy below 500 Hz.
+/// - `cafe`: distant babble of 12 talkers (low-passed at 3 kHz: distance and absorption) plus clatter:
+///   Poisson (2.5/s) impacts of cutlery and crockery, each a 1 ms click and three damped modes at 1.5-7 kHz
+///   decaying in 10-60 ms, at random levels.
+/// - `hum`: mains hum (50 Hz and 7 harmonics with a slow level wobble, as transformers and
+///   ground loops make) plus a fan: broadband noise shaped by a 600 Hz resonance and a blade-pass tone
+///   (about 170 Hz, 3 harmonics, slowly wandering).
 pub fn generate(name: &str, len: usize, seed: u64) -> Result<Vec<f32>> {
     // FNV-1a of the name, so "pink" and "brown" with one seed are independent draws.
     let tag = name
@@ -201,6 +216,10 @@ pub fn generate(name: &str, len: usize, seed: u64) -> Result<Vec<f32>> {
                 })
                 .collect()
         }
+        "babble" => babble(len, 8, &mut rand::rngs::StdRng::seed_from_u64(seed ^ tag)),
+        "car" => car(len, &mut rand::rngs::StdRng::seed_from_u64(seed ^ tag)),
+        "cafe" => cafe(len, &mut rand::rngs::StdRng::seed_from_u64(seed ^ tag)),
+        "hum" => hum(len, &mut rand::rngs::StdRng::seed_from_u64(seed ^ tag)),
         _ => bail!("unknown noise generator {name:?} (known: {})", GENERATORS.join(", ")),
     };
     if y.is_empty() {
@@ -212,6 +231,161 @@ pub fn generate(name: &str, len: usize, seed: u64) -> Result<Vec<f32>> {
     let rms = (y.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
     let scale = if rms > 0.0 { GENERATED_RMS / rms } else { 0.0 };
     Ok(y.iter().map(|v| (v * scale) as f32).collect())
+}
+
+const FS: f64 = NOISE_RATE as f64;
+
+/// `talkers` synthetic talkers, each a stream of utterances with pauses, at random offsets and levels.
+fn babble(len: usize, talkers: usize, rng: &mut impl Rng) -> Vec<f64> {
+    use super::synth::{utterance, Emotion, Speaker};
+    let population: u64 = rng.gen();
+    let mut out = vec![0f64; len];
+    for k in 0..talkers {
+        let speaker = Speaker::new(k, population);
+        // Start up to 2 s into the talker's stream, so talkers do not start together.
+        let skip = rng.gen_range(0..2 * NOISE_RATE as usize);
+        let mut stream: Vec<f32> = Vec::with_capacity(len + skip);
+        while stream.len() < len + skip {
+            let e = Emotion::ALL[rng.gen_range(0..Emotion::ALL.len())];
+            let text = rng.gen_range(0..10_000);
+            stream.extend(utterance(&speaker, e, text, rng.gen_range(1.5..4.0), population));
+            let pause = rng.gen_range(0..(0.4 * FS) as usize);
+            stream.extend(std::iter::repeat_n(0.0, pause));
+        }
+        let seg = &stream[skip..skip + len];
+        let rms = mean_square(seg).sqrt().max(1e-12);
+        let gain = 10f64.powf(3.0 * (rng.gen::<f64>() * 2.0 - 1.0) / 20.0) / rms;
+        for (o, &v) in out.iter_mut().zip(seg) {
+            *o += gain * v as f64;
+        }
+    }
+    out
+}
+
+/// A slow random drift in [-1, 1]: two sinusoids below 0.2 Hz with random phases.
+fn drift(rng: &mut impl Rng) -> impl Fn(f64) -> f64 {
+    let (f1, f2) = (rng.gen_range(0.03..0.08), rng.gen_range(0.1..0.2));
+    let (p1, p2) = (rng.gen_range(0.0..TAU), rng.gen_range(0.0..TAU));
+    move |t: f64| 0.6 * (TAU * f1 * t + p1).sin() + 0.4 * (TAU * f2 * t + p2).sin()
+}
+
+/// One-pole low-pass coefficient for cutoff `fc`.
+fn one_pole(fc: f64) -> f64 {
+    (-TAU * fc / FS).exp()
+}
+
+fn car(len: usize, rng: &mut impl Rng) -> Vec<f64> {
+    let rpm = drift(rng);
+    let mut phase = [0f64; 8];
+    let a = one_pole(250.0);
+    let (mut brown, mut lp1, mut lp2) = (0f64, 0f64, 0f64);
+    let mut pink = [0f64; 3];
+    (0..len)
+        .map(|i| {
+            let t = i as f64 / FS;
+            let firing = 2.0 * (2200.0 + 700.0 * rpm(t)) / 60.0;
+            let mut engine = 0.0;
+            for (k, ph) in phase.iter_mut().enumerate() {
+                *ph = (*ph + (k + 1) as f64 * firing / FS).fract();
+                engine += (TAU * *ph).sin() / (k + 1) as f64;
+            }
+            brown = 0.998 * brown + gaussian(rng);
+            lp1 = a * lp1 + (1.0 - a) * brown;
+            lp2 = a * lp2 + (1.0 - a) * lp1;
+            // A 3-pole pink approximation for the hiss.
+            let w = gaussian(rng);
+            pink[0] = 0.99765 * pink[0] + w * 0.0990460;
+            pink[1] = 0.96300 * pink[1] + w * 0.2965164;
+            pink[2] = 0.57000 * pink[2] + w * 1.0526913;
+            let hiss = pink[0] + pink[1] + pink[2] + w * 0.1848;
+            // Levels: rumble ~ engine, hiss 30 dB below.
+            0.5 * engine + 0.12 * lp2 + 0.004 * hiss
+        })
+        .collect()
+}
+
+fn cafe(len: usize, rng: &mut impl Rng) -> Vec<f64> {
+    let mut y = babble(len, 12, rng);
+    // Distance: two one-pole low-passes at 3 kHz.
+    let a = one_pole(3000.0);
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for v in y.iter_mut() {
+        s1 = a * s1 + (1.0 - a) * *v;
+        s2 = a * s2 + (1.0 - a) * s1;
+        *v = s2;
+    }
+    let rms = (y.iter().map(|v| v * v).sum::<f64>() / len.max(1) as f64)
+        .sqrt()
+        .max(1e-12);
+    y.iter_mut().for_each(|v| *v /= rms);
+    // Clatter: Poisson impacts (exponential gaps, 2.5 per second).
+    let mut t = 0usize;
+    loop {
+        t += (-(1.0 - rng.gen::<f64>()).ln() / 2.5 * FS) as usize;
+        if t >= len {
+            break;
+        }
+        let amp = 10f64.powf(rng.gen_range(0.0..12.0) / 20.0);
+        let modes: Vec<(f64, f64, f64)> = (0..3)
+            .map(|_| {
+                (
+                    rng.gen_range(1500.0..7000.0),
+                    rng.gen_range(0.010..0.060),
+                    rng.gen_range(0.0..TAU),
+                )
+            })
+            .collect();
+        let n = ((0.3 * FS) as usize).min(len - t);
+        for j in 0..n {
+            let tt = j as f64 / FS;
+            let mut v: f64 = modes
+                .iter()
+                .map(|(f, tau, p)| (-tt / tau).exp() * (TAU * f * tt + p).sin())
+                .sum();
+            if j < FS as usize / 1000 {
+                v += gaussian(rng);
+            }
+            y[t + j] += amp * v;
+        }
+    }
+    y
+}
+
+fn hum(len: usize, rng: &mut impl Rng) -> Vec<f64> {
+    let wobble = drift(rng);
+    let wander = drift(rng);
+    let mains_phase: Vec<f64> = (0..8).map(|_| rng.gen_range(0.0..TAU)).collect();
+    let blade = rng.gen_range(150.0..190.0);
+    let mut blade_phase = 0f64;
+    let mut fan = [0f64; 2];
+    let (c, b) = {
+        // Resonator at 600 Hz, 800 Hz bandwidth.
+        let (f, bw) = (600.0, 800.0);
+        (
+            -(-TAU * bw / FS).exp(),
+            2.0 * (-std::f64::consts::PI * bw / FS).exp() * (TAU * f / FS).cos(),
+        )
+    };
+    (0..len)
+        .map(|i| {
+            let t = i as f64 / FS;
+            let level = 1.0 + 0.1 * wobble(t);
+            let mains: f64 = (0..8)
+                .map(|k| {
+                    // Odd harmonics stronger (transformer saturation), falling with order.
+                    let a = if k % 2 == 0 { 1.0 } else { 0.5 } / (1.0 + k as f64);
+                    a * (TAU * 50.0 * (k + 1) as f64 * t + mains_phase[k]).sin()
+                })
+                .sum();
+            blade_phase = (blade_phase + blade * (1.0 + 0.02 * wander(t)) / FS).fract();
+            let tone: f64 = (1..=3).map(|h| (TAU * h as f64 * blade_phase).sin() / h as f64).sum();
+            let w = gaussian(rng);
+            let y = (1.0 - b - c) * w + b * fan[0] + c * fan[1];
+            fan[1] = fan[0];
+            fan[0] = y;
+            level * mains + 0.15 * tone + 0.6 * y
+        })
+        .collect()
 }
 
 /// Standard normal draw (Box-Muller).
@@ -614,6 +788,99 @@ mod tests {
             assert!((rms - GENERATED_RMS).abs() < 1e-4);
             assert!(mean.abs() < 1e-6);
         }
+    }
+
+    /// Fraction of the long-term power between `lo` and `hi` Hz, and the frequency of the spectral peak.
+    fn band_fraction(x: &[f32], lo: f64, hi: f64) -> (f64, f64) {
+        let p = crate::data::mel::average_spectrum(x, 1024);
+        let hz = 16000.0 / 1024.0;
+        let total: f64 = p.iter().sum();
+        let band: f64 = p
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| (lo..hi).contains(&(*k as f64 * hz)))
+            .map(|(_, v)| v)
+            .sum();
+        let peak = (1..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+        (band / total, peak as f64 * hz)
+    }
+
+    /// Envelope modulation: power of the 20 ms log-energy series at 2-8 Hz (syllable rates) over
+    /// 16-22 Hz, per Hz, from its averaged spectrum (4 s segments).
+    fn syllable_modulation(x: &[f32]) -> f64 {
+        let env: Vec<f32> = x
+            .chunks_exact(320)
+            .map(|c| (10.0 * (mean_square(c) + 1e-12).log10()) as f32)
+            .collect();
+        let mean = env.iter().sum::<f32>() / env.len() as f32;
+        let env: Vec<f32> = env.iter().map(|v| v - mean).collect();
+        let p = crate::data::mel::average_spectrum(&env, 256); // 50 Hz frame rate: 0.195 Hz bins
+        let hz = 50.0 / 256.0;
+        let band = |lo: f64, hi: f64| {
+            let k: Vec<f64> = (0..p.len())
+                .filter(|&k| (lo..hi).contains(&(k as f64 * hz)))
+                .map(|k| p[k])
+                .collect();
+            k.iter().sum::<f64>() / k.len() as f64
+        };
+        band(2.0, 8.0) / band(16.0, 22.0)
+    }
+
+    #[test]
+    fn realistic_generators_have_their_spectral_character() {
+        let t0 = std::time::Instant::now();
+        let len = 16000 * 10;
+        let gen = |name: &str| {
+            let x = generate(name, len, 3).unwrap();
+            assert_eq!(x.len(), len);
+            assert!((mean_square(&x).sqrt() - GENERATED_RMS).abs() < 1e-4, "{name}");
+            assert_eq!(x, generate(name, len, 3).unwrap(), "{name} is not reproducible");
+            x
+        };
+        let white = gen("white");
+        let babble = gen("babble");
+        let car = gen("car");
+        let cafe = gen("cafe");
+        let hum = gen("hum");
+        eprintln!("generated 4 x 10 s in {:.2} s", t0.elapsed().as_secs_f64());
+
+        // Babble: speech band, syllable-rate envelope fluctuation (white noise has a flat one).
+        let (speech, peak) = band_fraction(&babble, 100.0, 4000.0);
+        let (m_babble, m_white) = (syllable_modulation(&babble), syllable_modulation(&white));
+        eprintln!("babble: {:.1}% in 100-4000 Hz, peak {peak:.0} Hz, modulation 2-8/16-22 Hz {m_babble:.1} (white {m_white:.1})", 100.0 * speech);
+        assert!(speech > 0.9 && (80.0..1000.0).contains(&peak));
+        assert!(m_babble > 3.0 && m_white < 2.0);
+
+        // Car: nearly all energy below 500 Hz, the engine's firing frequency near 50-100 Hz.
+        let (low, peak) = band_fraction(&car, 0.0, 500.0);
+        eprintln!("car: {:.1}% below 500 Hz, peak {peak:.0} Hz", 100.0 * low);
+        assert!(low > 0.95 && peak < 200.0);
+
+        // Cafe: speech band plus clatter: 10 ms high-band (> 2 kHz, by first differences) energy peaks far
+        // above its median, unlike babble's.
+        let peakiness = |x: &[f32]| {
+            let d: Vec<f32> = x.windows(3).map(|w| w[2] - 2.0 * w[1] + w[0]).collect();
+            let mut e: Vec<f64> = d.chunks_exact(160).map(mean_square).collect();
+            e.sort_by(f64::total_cmp);
+            10.0 * (e[e.len() - 1 - e.len() / 200] / e[e.len() / 2]).log10()
+        };
+        let (speech, _) = band_fraction(&cafe, 100.0, 4000.0);
+        let (p_cafe, p_babble) = (peakiness(&cafe), peakiness(&babble));
+        eprintln!("cafe: {:.1}% in 100-4000 Hz, high-band 99.5th percentile {p_cafe:.1} dB over median (babble {p_babble:.1})", 100.0 * speech);
+        assert!(speech > 0.5 && p_cafe > 20.0 && p_cafe > p_babble + 6.0);
+
+        // Hum: lines at 50 Hz and 100 Hz, 20 dB above the spectrum between them.
+        let p = crate::data::mel::average_spectrum(&hum, 8192);
+        let at = |f: f64| p[(f * 8192.0 / 16000.0).round() as usize];
+        let (l50, l100, gap) = (at(50.0), at(100.0), at(75.0));
+        eprintln!(
+            "hum: 50 Hz {:+.1} dB, 100 Hz {:+.1} dB re 75 Hz",
+            10.0 * (l50 / gap).log10(),
+            10.0 * (l100 / gap).log10()
+        );
+        assert!(l50 > 100.0 * gap && l100 > 100.0 * gap);
+        let (_, peak) = band_fraction(&hum, 0.0, 8000.0);
+        assert!(peak < 120.0, "hum peak {peak}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! validation pass against the teacher on the same noisy input ([`validation`]).
 
 pub mod data;
+pub mod pretrain;
 pub mod trainer;
 pub mod validation;
 
