@@ -148,6 +148,9 @@ pub(crate) struct Inner {
     pub(crate) limits: wgpu::Limits,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: Arc<BufferPool>,
+    /// Subgroup operations are enabled and every subgroup has exactly 8 invocations (lavapipe on AVX2):
+    /// the matmul kernels of `shaders/matmul_sg.wgsl` assume that layout.
+    pub(crate) subgroups_of_8: bool,
     pending: Mutex<Vec<Command>>,
     /// Command buffers submitted so far (tests check that a training step is one).
     submissions: std::sync::atomic::AtomicU64,
@@ -221,9 +224,15 @@ impl Gpu {
         let adapter = adapters.swap_remove(0);
         let summary = AdapterSummary::of(&adapter);
         let limits = adapter.limits();
+        let info = adapter.get_info();
+        let subgroups = adapter.features() & wgpu::Features::SUBGROUP;
+        let subgroups_of_8 = !subgroups.is_empty()
+            && info.subgroup_min_size == 8
+            && info.subgroup_max_size == 8
+            && std::env::var_os("WGPU_MLKD_NO_SUBGROUPS").is_none();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-mlkd"),
-            required_features: wgpu::Features::empty(),
+            required_features: subgroups,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -262,6 +271,7 @@ impl Gpu {
                 summary,
                 limits,
                 pool,
+                subgroups_of_8,
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
                 device_error,
@@ -275,6 +285,12 @@ impl Gpu {
 
     pub fn limits(&self) -> &wgpu::Limits {
         &self.inner.limits
+    }
+
+    /// True when subgroup operations are on and subgroups have exactly 8 invocations (set
+    /// `WGPU_MLKD_NO_SUBGROUPS` to turn the kernels that need this off).
+    pub fn subgroups_of_8(&self) -> bool {
+        self.inner.subgroups_of_8
     }
 
     /// Largest buffer one kernel may bind, in bytes.

@@ -12,6 +12,8 @@ use anyhow::{bail, Result};
 use crate::gpu::{DType, Shader, Tensor};
 
 static SHADER: Shader = crate::shader!("matmul");
+/// Kernels that need subgroups of exactly 8 invocations; compiled only on such adapters.
+static SG_SHADER: Shader = crate::shader!("matmul_sg");
 /// Rows (and columns) of C per workgroup, as `TILE` in the shader.
 const TILE: usize = 32;
 const FLAG_BIAS: u32 = 1;
@@ -111,6 +113,10 @@ pub enum Kernel {
     Nt4,
     /// B contiguous along n, vec4 loads of B rows.
     Nn4,
+    /// The layout of `Nt4`, for adapters with subgroups of exactly 8 (`shaders/matmul_sg.wgsl`).
+    SgNt4,
+    /// The layout of `Nn4`, for adapters with subgroups of exactly 8.
+    SgNn4,
 }
 
 impl Kernel {
@@ -119,6 +125,28 @@ impl Kernel {
             Kernel::General => "matmul_forward",
             Kernel::Nt4 => "matmul_nt4_forward",
             Kernel::Nn4 => "matmul_nn4_forward",
+            Kernel::SgNt4 => "matmul_sg_nt4_forward",
+            Kernel::SgNn4 => "matmul_sg_nn4_forward",
+        }
+    }
+
+    /// (rows, columns) of C per workgroup, as in the shader.
+    fn tile(self) -> (usize, usize) {
+        match self {
+            Kernel::General | Kernel::Nt4 | Kernel::Nn4 => (TILE, TILE),
+            Kernel::SgNt4 | Kernel::SgNn4 => (8, 256),
+        }
+    }
+
+    fn needs_subgroups_of_8(self) -> bool {
+        matches!(self, Kernel::SgNt4 | Kernel::SgNn4)
+    }
+
+    fn shader(self) -> &'static Shader {
+        if self.needs_subgroups_of_8() {
+            &SG_SHADER
+        } else {
+            &SHADER
         }
     }
 }
@@ -150,6 +178,25 @@ pub fn choose_kernel(a: View, b: View, dims: MatDims) -> Kernel {
         return Kernel::Nn4;
     }
     Kernel::General
+}
+
+/// Narrowest C (columns) for which the subgroup kernels beat the 4 x 4 ones on lavapipe: their workgroup
+/// spans 256 columns, so narrower products leave lanes idle (measured: P V with n = 64 ran at 0.53x,
+/// Q K^T with n = 149 at 1.7x, linear layers at 2.2-3.7x; benches/RESULTS.md).
+const SG_MIN_N: usize = 128;
+
+/// [`choose_kernel`], then the subgroup variant of a vec4 kernel where the adapter has subgroups of 8 and
+/// the product is wide enough to fill them.
+pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims) -> Kernel {
+    let kernel = choose_kernel(a, b, dims);
+    if !gpu.subgroups_of_8() || dims.n < SG_MIN_N {
+        return kernel;
+    }
+    match kernel {
+        Kernel::Nt4 => Kernel::SgNt4,
+        Kernel::Nn4 => Kernel::SgNn4,
+        other => other,
+    }
 }
 
 /// True when no two (batch, row, col) positions of the view share an element: sorted by stride, every
@@ -221,7 +268,7 @@ pub fn matmul_into_with(
     alpha: f32,
     act: Activation,
 ) -> Result<()> {
-    let kernel = choose_kernel(a_view, b_view, dims);
+    let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     matmul_with_kernel(kernel, out, out_view, a, a_view, b, b_view, dims, bias, alpha, act)
 }
 
@@ -238,7 +285,7 @@ pub(crate) fn matmul_accumulate_into(
     dims: MatDims,
     alpha: f32,
 ) -> Result<()> {
-    let kernel = choose_kernel(a_view, b_view, dims);
+    let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
     launch(kernel, out, a, b, views, dims, None, alpha, Activation::None, true)
 }
@@ -306,13 +353,17 @@ fn launch(
     if k == 0 && kernel != Kernel::General {
         bail!("matmul: the {kernel:?} kernel needs k > 0");
     }
+    if kernel.needs_subgroups_of_8() && !out.gpu().subgroups_of_8() {
+        bail!("matmul: the {kernel:?} kernel needs an adapter with subgroups of exactly 8 invocations");
+    }
     let (av, bv, cv) = (
         a_view.normalized(batch, m, k.max(1)),
         b_view.normalized(batch, k.max(1), n),
         out_view.normalized(batch, m, n),
     );
-    let tiles_m = m.div_ceil(TILE);
-    let tiles_n = n.div_ceil(TILE);
+    let (tile_m, tile_n) = kernel.tile();
+    let tiles_m = m.div_ceil(tile_m);
+    let tiles_n = n.div_ceil(tile_n);
     let groups = batch as u128 * tiles_m as u128 * tiles_n as u128;
     if groups > u32::MAX as u128 {
         bail!("matmul: {groups} workgroups for {dims:?} is too many for one dispatch");
@@ -346,7 +397,7 @@ fn launch(
     // Without a bias the shader never reads binding 3; A's buffer stands in (read-only twice is allowed).
     let bias_buf = bias.map_or(a.buffer(), |t| t.buffer());
     out.gpu().dispatch(
-        &SHADER,
+        kernel.shader(),
         kernel.entry(),
         &[a.buffer(), b.buffer(), bias_buf, out.buffer()],
         &params,
@@ -931,6 +982,25 @@ mod tests {
                 )
             });
             assert!(fast == general, "nt4 and general paths differ");
+            for other in [Kernel::SgNt4] {
+                if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
+                    continue;
+                }
+                let got = check_strided(
+                    "nt4",
+                    30 + s as u64,
+                    dims,
+                    av,
+                    bv,
+                    cv,
+                    true,
+                    1.0,
+                    Activation::None,
+                    Some(other),
+                    Tol::KERNEL,
+                );
+                assert!(got == general, "{other:?} and general paths differ");
+            }
             // nn4: B row-major [k, n] with n % 4 == 0, A transposed (scalar loads).
             let n = n.div_ceil(4) * 4;
             let dims = MatDims { batch, m, n, k };
@@ -954,6 +1024,25 @@ mod tests {
                 )
             });
             assert!(fast == general, "nn4 and general paths differ");
+            for other in [Kernel::SgNn4] {
+                if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
+                    continue;
+                }
+                let got = check_strided(
+                    "nn4",
+                    40 + s as u64,
+                    dims,
+                    av,
+                    bv,
+                    cv,
+                    false,
+                    0.5,
+                    Activation::None,
+                    Some(other),
+                    Tol::KERNEL,
+                );
+                assert!(got == general, "{other:?} and general paths differ");
+            }
         }
     }
 
@@ -1491,6 +1580,99 @@ mod tests {
         assert!(err.contains("want x [.., 3] and dy [.., 4]"), "{err}");
         let err = matmul_backward(&dy, &x, &w, true, true).unwrap_err().to_string();
         assert!(err.contains("want [B, M, K]"), "{err}");
+    }
+
+    /// Every kernel that can run each model-shaped product, timed interleaved in one process (A, B, A, B..,
+    /// best of N, since the machine is shared): prints GFLOP/s per kernel and the ratio to the chosen one.
+    /// Run with --ignored --nocapture.
+    #[test]
+    #[ignore]
+    fn bench_kernels_model_shapes() {
+        let gpu = test_gpu();
+        let rm = View::row_major;
+        let d = |batch, m, n, k| MatDims { batch, m, n, k };
+        // Per-head views of a [T, 768] buffer with 12 heads of 64.
+        let head = View {
+            offset: 0,
+            batch_stride: 64,
+            row_stride: 768,
+            col_stride: 1,
+        };
+        let cases: Vec<(&str, MatDims, View, View)> = vec![
+            (
+                "linear 149x768->3072",
+                d(1, 149, 3072, 768),
+                rm(149, 768),
+                View::transposed(768, 3072),
+            ),
+            (
+                "linear 149x3072->768",
+                d(1, 149, 768, 3072),
+                rm(149, 3072),
+                View::transposed(3072, 768),
+            ),
+            (
+                "linear 49x768->768",
+                d(1, 49, 768, 768),
+                rm(49, 768),
+                View::transposed(768, 768),
+            ),
+            (
+                "linear 499x768->768",
+                d(1, 499, 768, 768),
+                rm(499, 768),
+                View::transposed(768, 768),
+            ),
+            (
+                "dx 298x3072->768 (nn)",
+                d(1, 298, 768, 3072),
+                rm(298, 3072),
+                rm(3072, 768),
+            ),
+            (
+                "dW 3072x768 k=298 (tn)",
+                d(1, 3072, 768, 298),
+                rm(298, 3072).t(),
+                rm(298, 768),
+            ),
+            ("QK^T 12x149x149x64", d(12, 149, 149, 64), head, head.t()),
+            ("PV 12x149x64x149", d(12, 149, 64, 149), rm(149, 149), head),
+        ];
+        for (name, dims, av, bv) in cases {
+            let MatDims { batch, m, n, k } = dims;
+            let a = upload(&random_vec(1, (av.last_index(batch, m, k) + 1) as usize, 1.0));
+            let b = upload(&random_vec(2, (bv.last_index(batch, k, n) + 1) as usize, 1.0));
+            let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
+            let cv = View::row_major(m, n);
+            let chosen = choose_kernel(av, bv, dims);
+            let kernels = match chosen {
+                Kernel::Nt4 if gpu.subgroups_of_8() => vec![chosen, Kernel::SgNt4],
+                Kernel::Nn4 if gpu.subgroups_of_8() => vec![chosen, Kernel::SgNn4],
+                _ => vec![chosen],
+            };
+            let run = |kern: Kernel| {
+                matmul_with_kernel(kern, &c, cv, &a, av, &b, bv, dims, None, 1.0, Activation::None).unwrap();
+                gpu.sync().unwrap();
+            };
+            for &kern in &kernels {
+                run(kern); // compiles the pipeline
+            }
+            let mut best = vec![f64::MAX; kernels.len()];
+            for _ in 0..5 {
+                for (i, &kern) in kernels.iter().enumerate() {
+                    let start = std::time::Instant::now();
+                    run(kern);
+                    best[i] = best[i].min(start.elapsed().as_secs_f64());
+                }
+            }
+            let flop = 2.0 * (batch * m * n * k) as f64;
+            let line: Vec<String> = kernels
+                .iter()
+                .zip(&best)
+                .map(|(kern, t)| format!("{kern:?} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t))
+                .collect();
+            eprintln!("{name}: {}", line.join(", "));
+        }
     }
 
     /// linear_backward for the FFN's first linear with B = 2, T = 149 (prints, never asserts; --ignored).

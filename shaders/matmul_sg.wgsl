@@ -1,0 +1,178 @@
+// (No `enable subgroups;`: naga 30 accepts the subgroup builtins without it and rejects the directive.)
+
+// Matmul kernels for adapters whose subgroups have exactly 8 invocations (lavapipe on AVX2, where the 8
+// invocations of a subgroup are the 8 SIMD lanes of one register). Same parameters, bindings, epilogue
+// and result bits as shaders/matmul.wgsl (see there); only the way A reaches the lanes differs.
+//
+// Why: lavapipe turns each per-invocation load into a loop over lanes with a mask test, a bounds check and
+// an insert per lane (~10 instructions per float), so loads, not multiply-adds, set the speed. Here the 8
+// lanes of a subgroup share 8 rows of C: lane l loads row l's A values only, and subgroupBroadcast (a
+// register shuffle) hands them to the other lanes. Each lane owns 4 columns; per 4 k steps it makes 5
+// vec4 loads for 128 fused multiply-adds (the 4 x 4 kernel: 8 loads for 64).
+// A workgroup is 8 subgroups side by side: 8 rows x 256 columns of C. Row tiles vary fastest, so the
+// workgroups that run together read the same B columns while they are in cache.
+// Nothing returns early and every load index is clamped: the broadcasts need all 8 lanes.
+
+const FLAG_BIAS: u32 = 1u;
+const FLAG_GELU: u32 = 2u;
+const FLAG_ACCUMULATE: u32 = 4u;
+const SG_ROWS: u32 = 8u;    // rows of C per workgroup (one per lane of a subgroup)
+const SG_COLS: u32 = 256u;  // columns of C per workgroup (4 per invocation)
+
+struct MatParams {
+    batch: u32,
+    m: u32,
+    n: u32,
+    k: u32,
+    a_off: u32,
+    a_bs: u32,
+    a_rs: u32,
+    a_cs: u32,
+    b_off: u32,
+    b_bs: u32,
+    b_rs: u32,
+    b_cs: u32,
+    c_off: u32,
+    c_bs: u32,
+    c_rs: u32,
+    c_cs: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    alpha: f32,
+    flags: u32,
+}
+
+@group(0) @binding(0) var<uniform> mp: MatParams;
+@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // (N), or a dummy when !FLAG_BIAS
+@group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
+@group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view (scalar)
+@group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
+@group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt) or n (nn)
+
+fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
+    if (i >= mp.m) {
+        return;
+    }
+    let base = mp.c_off + bt * mp.c_bs + i * mp.c_rs;
+    for (var c = 0u; c < 4u; c++) {
+        let j = j0 + c;
+        if (j < mp.n) {
+            var v = mp.alpha * acc[c];
+            if ((mp.flags & FLAG_BIAS) != 0u) {
+                v = v + mm_bias[j];
+            }
+            let idx = base + j * mp.c_cs;
+            if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
+                v = v + mm_c[idx];
+            }
+            if ((mp.flags & FLAG_GELU) != 0u) {
+                v = gelu_exact(v);
+            }
+            mm_c[idx] = v;
+        }
+    }
+}
+
+fn fma4(acc: vec4<f32>, x: vec4<f32>, yt: mat4x4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(x.w), yt[3], fma(vec4<f32>(x.z), yt[2], fma(vec4<f32>(x.y), yt[1],
+        fma(vec4<f32>(x.x), yt[0], acc))));
+}
+
+// (batch, first row of the subgroup, first column of this invocation); batch == mp.batch past the grid.
+fn sg_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
+    let wid = wg.x + wg.y * nwg.x;
+    let per_batch = mp.tiles_m * mp.tiles_n;
+    let bt = min(wid / per_batch, mp.batch);
+    let r = wid % per_batch;
+    return vec3<u32>(bt, (r % mp.tiles_m) * SG_ROWS, (r / mp.tiles_m) * SG_COLS + li * 4u);
+}
+// A and B contiguous along k (x W^T with W [n, k]; Q K^T); needs k % 4 == 0 and 16-byte alignment.
+@compute @workgroup_size(64)
+fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) li: u32,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    let o = sg_origin(wg, nwg, li);
+    let bt = min(o.x, mp.batch - 1u);
+    // This lane loads row o.y + lane of A for the whole subgroup.
+    let ar = (mp.a_off + bt * mp.a_bs + min(o.y + lane, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_base = mp.b_off + bt * mp.b_bs;
+    let bc0 = (b_base + min(o.z, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc1 = (b_base + min(o.z + 1u, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc2 = (b_base + min(o.z + 2u, mp.n - 1u) * mp.b_cs) / 4u;
+    let bc3 = (b_base + min(o.z + 3u, mp.n - 1u) * mp.b_cs) / 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    let k4 = mp.k / 4u;
+    for (var p = 0u; p < k4; p++) {
+        let xa = mm_a4[ar + p];
+        let yt = transpose(mat4x4<f32>(mm_b4[bc0 + p], mm_b4[bc1 + p], mm_b4[bc2 + p], mm_b4[bc3 + p]));
+        acc0 = fma4(acc0, subgroupBroadcast(xa, 0u), yt);
+        acc1 = fma4(acc1, subgroupBroadcast(xa, 1u), yt);
+        acc2 = fma4(acc2, subgroupBroadcast(xa, 2u), yt);
+        acc3 = fma4(acc3, subgroupBroadcast(xa, 3u), yt);
+        acc4 = fma4(acc4, subgroupBroadcast(xa, 4u), yt);
+        acc5 = fma4(acc5, subgroupBroadcast(xa, 5u), yt);
+        acc6 = fma4(acc6, subgroupBroadcast(xa, 6u), yt);
+        acc7 = fma4(acc7, subgroupBroadcast(xa, 7u), yt);
+    }
+    if (o.x < mp.batch) {
+        store_row(o.x, o.y + 0u, o.z, acc0);
+        store_row(o.x, o.y + 1u, o.z, acc1);
+        store_row(o.x, o.y + 2u, o.z, acc2);
+        store_row(o.x, o.y + 3u, o.z, acc3);
+        store_row(o.x, o.y + 4u, o.z, acc4);
+        store_row(o.x, o.y + 5u, o.z, acc5);
+        store_row(o.x, o.y + 6u, o.z, acc6);
+        store_row(o.x, o.y + 7u, o.z, acc7);
+    }
+}
+
+// B contiguous along n (row-major [k, n]); needs n % 4 == 0 and 16-byte alignment. A is read with scalar
+// strided loads, four k steps per load round so each lane's 4 loads are broadcast together.
+@compute @workgroup_size(64)
+fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) li: u32,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    let o = sg_origin(wg, nwg, li);
+    let bt = min(o.x, mp.batch - 1u);
+    let ar = mp.a_off + bt * mp.a_bs + min(o.y + lane, mp.m - 1u) * mp.a_rs;
+    // n % 4 == 0: the 4 columns o.z.. lie inside a row whenever o.z < n; past the edge, the last 4.
+    let bcol = (mp.b_off + bt * mp.b_bs + min(o.z, mp.n - 4u)) / 4u;
+    let brs = mp.b_rs / 4u;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
+    var acc4 = vec4<f32>(0.0);
+    var acc5 = vec4<f32>(0.0);
+    var acc6 = vec4<f32>(0.0);
+    var acc7 = vec4<f32>(0.0);
+    for (var p = 0u; p < mp.k; p++) {
+        let xa = mm_a[ar + p * mp.a_cs];
+        let y = mm_b4[bcol + p * brs];
+        acc0 = fma(vec4<f32>(subgroupBroadcast(xa, 0u)), y, acc0);
+        acc1 = fma(vec4<f32>(subgroupBroadcast(xa, 1u)), y, acc1);
+        acc2 = fma(vec4<f32>(subgroupBroadcast(xa, 2u)), y, acc2);
+        acc3 = fma(vec4<f32>(subgroupBroadcast(xa, 3u)), y, acc3);
+        acc4 = fma(vec4<f32>(subgroupBroadcast(xa, 4u)), y, acc4);
+        acc5 = fma(vec4<f32>(subgroupBroadcast(xa, 5u)), y, acc5);
+        acc6 = fma(vec4<f32>(subgroupBroadcast(xa, 6u)), y, acc6);
+        acc7 = fma(vec4<f32>(subgroupBroadcast(xa, 7u)), y, acc7);
+    }
+    if (o.x < mp.batch) {
+        store_row(o.x, o.y + 0u, o.z, acc0);
+        store_row(o.x, o.y + 1u, o.z, acc1);
+        store_row(o.x, o.y + 2u, o.z, acc2);
+        store_row(o.x, o.y + 3u, o.z, acc3);
+        store_row(o.x, o.y + 4u, o.z, acc4);
+        store_row(o.x, o.y + 5u, o.z, acc5);
+        store_row(o.x, o.y + 6u, o.z, acc6);
+        store_row(o.x, o.y + 7u, o.z, acc7);
+    }
+}
