@@ -19,10 +19,10 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
     /// Distillation steps
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 200)]
     steps: usize,
-    /// Synthetic speakers per emotion class and speaker
-    #[arg(long, default_value_t = 10, value_name = "M")]
+    /// Synthetic utterances per emotion class and speaker
+    #[arg(long, default_value_t = 6, value_name = "M")]
     per_class: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -88,6 +88,17 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// A subcommand's arguments: the whitespace-separated words of `fixed`, then `(option, path)` pairs (paths
+/// kept whole).
+fn argv(fixed: &str, paths: &[(&str, &PathBuf)]) -> Vec<String> {
+    let mut v: Vec<String> = fixed.split_whitespace().map(str::to_string).collect();
+    for (opt, p) in paths {
+        v.push(opt.to_string());
+        v.push(s(p));
+    }
+    v
+}
+
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     let started = Instant::now();
     let work = work_dir(args)?;
@@ -120,127 +131,74 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         work.join("ser-student"),
     );
     let json = work.join("eval.json");
-    let argv = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let per_class = args.per_class.to_string();
     let seed = args.seed.to_string();
     step(
         cli,
         "synthetic emotional speech (4 classes, 8 speakers)",
-        &argv(&[
-            "synth-data",
-            "--out",
-            &s(&data),
-            "--speakers",
-            &SPEAKERS.to_string(),
-            "--per-class",
-            &per_class,
-            "--seconds",
-            "1.5",
-            "--seed",
-            &seed,
-        ]),
+        &argv(
+            &format!(
+                "synth-data --speakers {SPEAKERS} --per-class {} --seconds 1.5 --seed {seed}",
+                args.per_class
+            ),
+            &[("--out", &data)],
+        ),
     )?;
     step(
         cli,
         "the teacher's clean targets",
-        &argv(&[
+        &argv(
             "cache-teacher",
-            "--teacher",
-            &s(&teacher),
-            "--data",
-            &s(&data),
-            "--out",
-            &s(&cache),
-        ]),
+            &[("--teacher", &teacher), ("--data", &data), ("--out", &cache)],
+        ),
     )?;
-    let steps = args.steps.to_string();
     step(
         cli,
         "MLKD: the student learns the clean targets from noisy speech",
-        &argv(&[
-            "train",
-            "--teacher",
-            &s(&teacher),
-            "--cache",
-            &s(&cache),
-            "--data",
-            &s(&data),
-            "--out",
-            &s(&run),
-            "--noise-gen",
-            TRAIN_NOISES,
-            "--steps",
-            &steps,
-            "--batch",
-            "8",
-            "--crop-seconds",
-            "1",
-            "--lr",
-            "1e-3",
-            "--val-speakers",
-            VAL_SPEAKER,
-            "--val-max",
-            "16",
-            "--val-snr",
-            "clean,0,5",
-            "--eval-every",
-            "0",
-            "--seed",
-            &seed,
-        ]),
+        &argv(
+            &format!(
+                "train --noise-gen {TRAIN_NOISES} --steps {} --batch 8 --crop-seconds 1 --lr 1e-3 \
+                 --val-speakers {VAL_SPEAKER} --val-max 16 --val-snr clean,0,5 --eval-every 0 --seed {seed}",
+                args.steps
+            ),
+            &[
+                ("--teacher", &teacher),
+                ("--cache", &cache),
+                ("--data", &data),
+                ("--out", &run),
+            ],
+        ),
     )?;
-    for (up, out, what) in [
-        (format!("teacher:{}", s(&teacher)), &ser_t, "teacher"),
-        (format!("student:{}", s(&run)), &ser_s, "MLKD student"),
+    for (kind, dir, out, what) in [
+        ("teacher", &teacher, &ser_t, "teacher"),
+        ("student", &run, &ser_s, "MLKD student"),
     ] {
-        step(
-            cli,
-            &format!("emotion classifier on the {what} (multi-condition)"),
-            &argv(&[
-                "ser-train",
-                "--upstream",
-                &up,
-                "--data",
-                &s(&data),
-                "--out",
-                &s(out),
-                "--noise-gen",
-                TRAIN_NOISES,
-                "--snr",
-                "0,5,10,15,20",
-                "--conditions",
-                "2",
-                "--test-speakers",
-                TEST_SPEAKERS,
-                "--seed",
-                &seed,
-            ]),
-        )?;
+        let mut a = argv(
+            &format!(
+                "ser-train --upstream {kind}:{} --noise-gen {TRAIN_NOISES} --snr 0,5,10,15,20 --conditions 1 \
+                 --test-speakers {TEST_SPEAKERS} --seed {seed}",
+                s(dir)
+            ),
+            &[("--data", &data), ("--out", out)],
+        );
+        // The upstream path is one argument even if it has spaces.
+        let at = a.iter().position(|x| x == "--upstream").expect("--upstream") + 1;
+        let tail = a.iter().position(|x| x == "--noise-gen").expect("--noise-gen");
+        a.splice(at..tail, [format!("{kind}:{}", s(dir))]);
+        step(cli, &format!("emotion classifier on the {what} (multi-condition)"), &a)?;
     }
     step(
         cli,
         "evaluation on held-out speakers, unseen noise types",
-        &argv(&[
-            "eval",
-            "--ser",
-            &s(&ser_t),
-            "--ser",
-            &s(&ser_s),
-            "--data",
-            &s(&data),
-            "--speakers",
-            TEST_SPEAKERS,
-            "--noise-gen",
-            TEST_NOISES,
-            "--snr",
-            "clean,0,5,10,20",
-            "--json",
-            &s(&json),
-            "--plot",
-            &s(&work.join("ua.png")),
-            "--seed",
-            &seed,
-        ]),
+        &argv(
+            &format!("eval --speakers {TEST_SPEAKERS} --noise-gen {TEST_NOISES} --snr clean,0,5,10 --seed {seed}"),
+            &[
+                ("--ser", &ser_t),
+                ("--ser", &ser_s),
+                ("--data", &data),
+                ("--json", &json),
+                ("--plot", &work.join("ua.png")),
+            ],
+        ),
     )?;
     print_comparison(&json, &s(&ser_t), &s(&ser_s))?;
     println!(

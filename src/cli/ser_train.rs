@@ -222,7 +222,13 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     let train_labels: Vec<u32> = examples.iter().map(|e| e.label).collect();
     let weights = ser::class_weights(&train_labels, labels.len());
 
-    let model = SerModel::init(&gpu, l, d, labels.len(), args.seed)?;
+    let mut model = SerModel::init(&gpu, l, d, labels.len(), args.seed)?;
+    // Standardised with the training items' features, every condition included.
+    let all: Vec<&[f32]> = examples
+        .iter()
+        .flat_map(|e| e.feats.iter().map(|f| f.as_slice()))
+        .collect();
+    model.fit_standardizer(&all)?;
     let cfg = TrainConfig {
         max_epochs: args.epochs,
         patience: args.patience,

@@ -489,6 +489,7 @@ pub fn train_classifier(
                 x.extend_from_slice(&e.feats[rng.gen_range(0..e.feats.len())]);
                 labels.push(e.label);
             }
+            model.standardize(&mut x);
             let tape = Tape::new();
             let input = tape.constant(Tensor::from_slice(gpu, &x, &[batch.len(), l, d])?);
             let logits = model.forward(&tape, &input)?;
