@@ -88,13 +88,13 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// A subcommand's arguments: the whitespace-separated words of `fixed`, then `(option, path)` pairs (paths
-/// kept whole).
-fn argv(fixed: &str, paths: &[(&str, &PathBuf)]) -> Vec<String> {
+/// A subcommand's arguments: the whitespace-separated words of `fixed`, then `(option, value)` pairs (values
+/// kept whole: paths may hold spaces).
+fn argv(fixed: &str, pairs: &[(&str, String)]) -> Vec<String> {
     let mut v: Vec<String> = fixed.split_whitespace().map(str::to_string).collect();
-    for (opt, p) in paths {
+    for (opt, value) in pairs {
         v.push(opt.to_string());
-        v.push(s(p));
+        v.push(value.clone());
     }
     v
 }
@@ -140,7 +140,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
                 "synth-data --speakers {SPEAKERS} --per-class {} --seconds 1.5 --seed {seed}",
                 args.per_class
             ),
-            &[("--out", &data)],
+            &[("--out", s(&data))],
         ),
     )?;
     step(
@@ -148,7 +148,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         "the teacher's clean targets",
         &argv(
             "cache-teacher",
-            &[("--teacher", &teacher), ("--data", &data), ("--out", &cache)],
+            &[("--teacher", s(&teacher)), ("--data", s(&data)), ("--out", s(&cache))],
         ),
     )?;
     step(
@@ -161,10 +161,10 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
                 args.steps
             ),
             &[
-                ("--teacher", &teacher),
-                ("--cache", &cache),
-                ("--data", &data),
-                ("--out", &run),
+                ("--teacher", s(&teacher)),
+                ("--cache", s(&cache)),
+                ("--data", s(&data)),
+                ("--out", s(&run)),
             ],
         ),
     )?;
@@ -172,18 +172,17 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         ("teacher", &teacher, &ser_t, "teacher"),
         ("student", &run, &ser_s, "MLKD student"),
     ] {
-        let mut a = argv(
+        let a = argv(
             &format!(
-                "ser-train --upstream {kind}:{} --noise-gen {TRAIN_NOISES} --snr 0,5,10,15,20 --conditions 1 \
-                 --test-speakers {TEST_SPEAKERS} --seed {seed}",
-                s(dir)
+                "ser-train --noise-gen {TRAIN_NOISES} --snr 0,5,10,15,20 --conditions 1 \
+                 --test-speakers {TEST_SPEAKERS} --seed {seed}"
             ),
-            &[("--data", &data), ("--out", out)],
+            &[
+                ("--upstream", format!("{kind}:{}", s(dir))),
+                ("--data", s(&data)),
+                ("--out", s(out)),
+            ],
         );
-        // The upstream path is one argument even if it has spaces.
-        let at = a.iter().position(|x| x == "--upstream").expect("--upstream") + 1;
-        let tail = a.iter().position(|x| x == "--noise-gen").expect("--noise-gen");
-        a.splice(at..tail, [format!("{kind}:{}", s(dir))]);
         step(cli, &format!("emotion classifier on the {what} (multi-condition)"), &a)?;
     }
     step(
@@ -192,11 +191,11 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         &argv(
             &format!("eval --speakers {TEST_SPEAKERS} --noise-gen {TEST_NOISES} --snr clean,0,5,10 --seed {seed}"),
             &[
-                ("--ser", &ser_t),
-                ("--ser", &ser_s),
-                ("--data", &data),
-                ("--json", &json),
-                ("--plot", &work.join("ua.png")),
+                ("--ser", s(&ser_t)),
+                ("--ser", s(&ser_s)),
+                ("--data", s(&data)),
+                ("--json", s(&json)),
+                ("--plot", s(&work.join("ua.png"))),
             ],
         ),
     )?;

@@ -25,6 +25,7 @@ use crate::data::wav;
 use crate::gpu::Tensor;
 use crate::model::student::Student;
 use crate::model::Wav2Vec2;
+use crate::ops::loss::reference::log_sigmoid;
 use crate::ops::loss::{cosine_rows, l1_loss};
 use crate::tape::Tape;
 
@@ -97,13 +98,25 @@ fn noisy_input(
     Ok(mix_at_snr_detail(clean, source, db, &mut rng)?.samples)
 }
 
-/// Mean over frames of cos(prediction, target) summed, and the L1 sum, for one `[1, T, D]` pair.
-fn compare(pred: &Tensor, target: &Tensor) -> Result<(f64, Vec<f32>)> {
-    let t = target.shape()[1];
-    let d = target.shape()[2];
-    let cos = cosine_rows(&pred.reshape(&[t, d])?, &target.reshape(&[t, d])?)?;
-    let l1 = l1_loss(pred, target)?;
-    Ok((l1.to_vec()?[0] as f64, cos.to_vec()?))
+/// For `[1, T, D]` pairs (prediction, target): per pair its mean |p - t| and the cosine of every frame, read
+/// back together (one readback for all pairs).
+fn compare(pairs: &[(&Tensor, &Tensor)]) -> Result<Vec<(f64, Vec<f32>)>> {
+    let Some((_, first)) = pairs.first() else {
+        return Ok(Vec::new());
+    };
+    let (t, d) = (first.shape()[1], first.shape()[2]);
+    let gathered = Tensor::empty(first.gpu(), &[pairs.len() * (t + 1)], crate::gpu::DType::F32)?;
+    for (k, (pred, target)) in pairs.iter().enumerate() {
+        anyhow::ensure!(target.shape() == [1, t, d], "compare: target {:?}", target.shape());
+        let cos = cosine_rows(&pred.reshape(&[t, d])?, &target.reshape(&[t, d])?)?;
+        gathered.copy_from(k * (t + 1), &l1_loss(pred, target)?, 0, 1)?;
+        gathered.copy_from(k * (t + 1) + 1, &cos, 0, t)?;
+    }
+    Ok(gathered
+        .to_vec()?
+        .chunks(t + 1)
+        .map(|c| (c[0] as f64, c[1..].to_vec()))
+        .collect())
 }
 
 impl ValidationSet {
@@ -155,8 +168,12 @@ impl ValidationSet {
                     "validation utterance {id:?}: the teacher gives {} frames, the cache has {frames}",
                     out.hidden_states[0].shape()[1]
                 );
-                for (j, &l) in layers.iter().enumerate() {
-                    let (_, cos) = compare(&out.hidden_states[l], &targets[j])?;
+                let pairs: Vec<_> = layers
+                    .iter()
+                    .zip(&targets)
+                    .map(|(&l, t)| (&out.hidden_states[l], t))
+                    .collect();
+                for (j, (_, cos)) in compare(&pairs)?.into_iter().enumerate() {
                     teacher_sums[c].cos[j] += cos.iter().map(|&v| v as f64).sum::<f64>();
                 }
                 teacher_sums[c].frames += frames as u64;
@@ -211,10 +228,14 @@ impl ValidationSet {
             let last = out.hidden_states.last().expect("at least hidden_states[0]").clone();
             drop(out);
             let preds = student.heads.forward(&tape, &tape.constant(last))?;
+            let targets = self
+                .layers
+                .iter()
+                .map(|&l| Tensor::from_slice(gpu, &cache.targets(&item.id, l)?, &[1, item.frames, d]))
+                .collect::<Result<Vec<_>>>()?;
+            let pairs: Vec<_> = preds.iter().map(|p| p.value()).zip(&targets).collect();
             let mut item_loss = 0.0;
-            for (j, &l) in self.layers.iter().enumerate() {
-                let target = Tensor::from_slice(gpu, &cache.targets(&item.id, l)?, &[1, item.frames, d])?;
-                let (l1, cos) = compare(preds[j].value(), &target)?;
+            for (j, (l1, cos)) in compare(&pairs)?.into_iter().enumerate() {
                 let cos_term: f64 = cos.iter().map(|&c| -log_sigmoid(c as f64)).sum::<f64>() / cos.len() as f64;
                 item_loss += l1 + lambda as f64 * cos_term;
                 sums[item.condition].cos[j] += cos.iter().map(|&v| v as f64).sum::<f64>();
@@ -248,11 +269,6 @@ impl ValidationSet {
     }
 }
 
-fn log_sigmoid(x: f64) -> f64 {
-    // log(sigmoid(x)) = -log(1 + e^-x), computed without overflow for either sign.
-    -((-x.abs()).exp().ln_1p() + (-x).max(0.0))
-}
-
 impl ValidationReport {
     /// A table: one row per condition, per layer the student's and the teacher's mean cosine.
     pub fn table(&self) -> String {
@@ -278,22 +294,5 @@ impl ValidationReport {
             s.push('\n');
         }
         s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::log_sigmoid;
-
-    #[test]
-    fn log_sigmoid_is_stable() {
-        for x in [-800.0f64, -20.0, -1.0, 0.0, 0.5, 3.0, 40.0, 800.0] {
-            let want = if x > -30.0 { -(1.0 + (-x).exp()).ln() } else { x };
-            assert!(
-                (log_sigmoid(x) - want).abs() < 1e-12,
-                "x={x}: {} vs {want}",
-                log_sigmoid(x)
-            );
-        }
     }
 }
