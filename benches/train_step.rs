@@ -6,11 +6,10 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use wgpu_mlkd::gpu::{Gpu, GpuOptions, Tensor};
-use wgpu_mlkd::model::student::{distill_loss, Student};
-use wgpu_mlkd::model::wav2vec2::TrainOptions;
+use wgpu_mlkd::model::student::Student;
 use wgpu_mlkd::model::{synthetic, Wav2Vec2Config};
 use wgpu_mlkd::ops::adamw::{AdamW, AdamWConfig};
-use wgpu_mlkd::tape::Tape;
+use wgpu_mlkd::train::trainer::{distill_step, StepSettings};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
@@ -52,23 +51,15 @@ impl Step {
 
     fn run(&mut self) -> f32 {
         self.seed += 1;
-        let tape = Tape::with_seed(self.seed);
-        let opts = TrainOptions {
+        let settings = StepSettings {
+            seed: self.seed,
             dropout: 0.1,
-            feature_grad_mult: Some(0.1),
+            feature_grad_mult: 0.1,
+            lambda: 1.0,
+            lr: 2e-4,
         };
-        let (_, preds) = self
-            .student
-            .forward(&tape, &tape.constant(self.wave.clone()), opts)
-            .unwrap();
-        let loss = distill_loss(&tape, &preds, &self.targets, 1.0).unwrap();
-        tape.backward(&loss.total).unwrap();
-        let params = self.student.parameters();
-        let grads: Vec<Tensor> = params.iter().map(|p| p.grad().unwrap()).collect();
-        let values: Vec<&Tensor> = params.iter().map(|p| p.value()).collect();
-        self.opt.step(&values, &grads.iter().collect::<Vec<_>>(), 2e-4).unwrap();
-        params.iter().for_each(|p| p.zero_grad());
-        loss.total.value().to_vec().unwrap()[0]
+        let done = distill_step(&self.student, &mut self.opt, &self.wave, &self.targets, &settings).unwrap();
+        done.loss.total.value().to_vec().unwrap()[0]
     }
 }
 

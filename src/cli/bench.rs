@@ -11,11 +11,10 @@ use anyhow::{bail, Result};
 
 use super::Cli;
 use crate::gpu::{Gpu, Tensor};
-use crate::model::student::{default_target_layers, distill_loss, Student};
-use crate::model::wav2vec2::TrainOptions;
+use crate::model::student::{default_target_layers, Student};
 use crate::model::{Wav2Vec2, Wav2Vec2Config};
 use crate::ops::adamw::{AdamW, AdamWConfig};
-use crate::tape::Tape;
+use crate::train::trainer::{distill_step, StepSettings};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -187,23 +186,15 @@ fn bench_train(
     let mut step = || -> Result<f64> {
         seed += 1;
         let t0 = Instant::now();
-        let tape = Tape::with_seed(seed);
-        let opts = TrainOptions {
+        let settings = StepSettings {
+            seed,
             dropout: 0.1,
-            feature_grad_mult: Some(0.1),
+            feature_grad_mult: 0.1,
+            lambda: 1.0,
+            lr: 2e-4,
         };
-        let (_, preds) = student.forward(&tape, &tape.constant(wave.clone()), opts)?;
-        let loss = distill_loss(&tape, &preds, &target_tensors, 1.0)?;
-        tape.backward(&loss.total)?;
-        drop(preds);
-        let grads: Vec<Tensor> = params
-            .iter()
-            .map(|p| p.grad().ok_or_else(|| anyhow::anyhow!("{} has no gradient", p.name)))
-            .collect::<Result<_>>()?;
-        opt.step(&values, &grads.iter().collect::<Vec<_>>(), 2e-4)?;
-        params.iter().for_each(|p| p.zero_grad());
-        drop(grads);
-        loss.total.value().to_vec()?;
+        let done = distill_step(&student, &mut opt, &wave, &target_tensors, &settings)?;
+        done.loss.total.value().to_vec()?;
         Ok(t0.elapsed().as_secs_f64())
     };
     step()?;

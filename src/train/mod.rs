@@ -8,6 +8,6 @@ pub mod trainer;
 pub mod validation;
 
 pub use data::{split_validation, Batch, BatchSampler, SamplerState, SnrChoice, TrainDataConfig};
-pub use trainer::{NonFinite, OptimConfig, StepRecord, Trainer, TrainerState};
+pub use trainer::{distill_step, DistillStep, NonFinite, OptimConfig, StepRecord, StepSettings, Trainer, TrainerState};
 pub use validation::{ValidationReport, ValidationSet};
 pub mod ser;

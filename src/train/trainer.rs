@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{BatchSampler, SamplerState};
 use crate::gpu::Tensor;
-use crate::model::student::{distill_loss, Student};
+use crate::model::student::{distill_loss, DistillLoss, Student};
 use crate::model::wav2vec2::TrainOptions;
 use crate::ops::adamw::{lr_at, AdamW, LrDecay};
 use crate::tape::Tape;
@@ -223,30 +223,16 @@ impl<'a> Trainer<'a> {
             .map(|&j| Tensor::from_slice(&gpu, &batch.targets[j], &[b, t, d]))
             .collect::<Result<Vec<_>>>()?;
 
-        let tape = Tape::with_seed(step_seed(self.config.seed, self.step));
-        let opts = TrainOptions {
-            dropout: self.config.dropout,
-            feature_grad_mult: Some(self.config.feature_grad_mult),
-        };
-        let (_, preds) = self.student.forward(&tape, &tape.constant(wave), opts)?;
-        let loss = distill_loss(&tape, &preds, &targets, self.config.lambda)?;
-        tape.backward(&loss.total)?;
-        drop(preds);
-
-        let params = self.student.parameters();
-        let mut grads = Vec::with_capacity(params.len());
-        for p in &params {
-            match p.grad() {
-                Some(g) => grads.push(g),
-                // Every parameter feeds the loss; a missing gradient means a broken graph, not a zero.
-                None => bail!("parameter {} received no gradient", p.name),
-            }
-        }
         let lr = self.config.lr_at(self.step)?;
-        let values: Vec<&Tensor> = params.iter().map(|p| p.value()).collect();
-        let norm = self.opt.step(&values, &grads.iter().collect::<Vec<_>>(), lr)?;
-        params.iter().for_each(|p| p.zero_grad());
-        drop(grads);
+        let settings = StepSettings {
+            seed: step_seed(self.config.seed, self.step),
+            dropout: self.config.dropout,
+            feature_grad_mult: self.config.feature_grad_mult,
+            lambda: self.config.lambda,
+            lr,
+        };
+        let DistillStep { loss, grad_norm: norm } =
+            distill_step(&self.student, &mut self.opt, &wave, &targets, &settings)?;
 
         // The logged scalars are gathered on the GPU and read back together: the step is one submission.
         let heads = loss.l1.len();
@@ -291,6 +277,62 @@ impl<'a> Trainer<'a> {
             samples: l,
         })
     }
+}
+
+/// What one [`distill_step`] needs besides the model, the optimiser and the batch.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSettings {
+    /// The tape's dropout seed for this step.
+    pub seed: u64,
+    pub dropout: f32,
+    pub feature_grad_mult: f32,
+    pub lambda: f32,
+    pub lr: f64,
+}
+
+/// The recorded (not yet read back) results of one [`distill_step`].
+pub struct DistillStep {
+    /// The loss and its per-head terms (`[1]` each).
+    pub loss: DistillLoss,
+    /// The pre-clipping global gradient norm (`[1]`), when the optimiser clips.
+    pub grad_norm: Option<Tensor>,
+}
+
+/// One MLKD step: the student forward on `wave` (`[B, L, 1]`) with dropout, the multi-level loss against
+/// `targets` (one `[B, T, D]` per head), the backward through the tape and one AdamW update of every
+/// parameter. Only records dispatches: nothing is read back, so the caller decides what to read (training
+/// logs every scalar in one readback; the benches read the loss only). Shared by `train`, `bench train` and
+/// `benches/train_step.rs`, so the benches time exactly what training runs.
+pub fn distill_step(
+    student: &Student,
+    opt: &mut AdamW,
+    wave: &Tensor,
+    targets: &[Tensor],
+    settings: &StepSettings,
+) -> Result<DistillStep> {
+    let tape = Tape::with_seed(settings.seed);
+    let opts = TrainOptions {
+        dropout: settings.dropout,
+        feature_grad_mult: Some(settings.feature_grad_mult),
+    };
+    let (_, preds) = student.forward(&tape, &tape.constant(wave.clone()), opts)?;
+    let loss = distill_loss(&tape, &preds, targets, settings.lambda)?;
+    tape.backward(&loss.total)?;
+    drop(preds);
+
+    let params = student.parameters();
+    let mut grads = Vec::with_capacity(params.len());
+    for p in &params {
+        match p.grad() {
+            Some(g) => grads.push(g),
+            // Every parameter feeds the loss; a missing gradient means a broken graph, not a zero.
+            None => bail!("parameter {} received no gradient", p.name),
+        }
+    }
+    let values: Vec<&Tensor> = params.iter().map(|p| p.value()).collect();
+    let grad_norm = opt.step(&values, &grads.iter().collect::<Vec<_>>(), settings.lr)?;
+    params.iter().for_each(|p| p.zero_grad());
+    Ok(DistillStep { loss, grad_norm })
 }
 
 /// The tape's dropout seed of update `step` of a run seeded `seed`.
