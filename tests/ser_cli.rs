@@ -169,6 +169,11 @@ fn ser_train_eval_and_infer_on_a_tiny_teacher() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("pink @ 0 dB") && out.contains("mean of 2 @ 5 dB"), "{out}");
+    assert!(
+        stderr(&o).contains("features computed once for 2 SER models"),
+        "{}",
+        stderr(&o)
+    );
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2 * 5, "{v}");

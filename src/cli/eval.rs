@@ -139,11 +139,9 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         bail!("--snr: nothing to score");
     }
 
-    let gpu = cli.open_gpu()?;
-    let mut rows: Vec<ResultRow> = Vec::new();
-    let mut means: Vec<MeanRow> = Vec::new();
+    // Labels are checked for every model before any work.
+    let mut truths: Vec<Vec<u32>> = Vec::with_capacity(metas.len());
     for (path, meta) in args.ser.iter().zip(&metas) {
-        let model_name = path.display().to_string();
         let class_of: BTreeMap<&str, u32> = meta
             .labels
             .iter()
@@ -156,15 +154,37 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
                 args.data.display(),
                 u.id,
                 u.label,
-                model_name,
+                path.display(),
                 meta.labels.join(", ")
             );
         }
-        let truth: Vec<u32> = utts.iter().map(|u| class_of[u.label.as_str()]).collect();
-        let up_dir = meta.upstream_dir()?;
-        let upstream = Upstream::load_for(&gpu, &meta.upstream, &up_dir)?;
-        let (model, _) = SerModel::load(&gpu, path)?;
-        let bar = ser::progress_bar((utts.len() * conds.len()) as u64, &format!("scoring {model_name}"));
+        truths.push(utts.iter().map(|u| class_of[u.label.as_str()]).collect());
+    }
+    // Models that share an upstream share its features: each upstream runs once over every utterance and
+    // condition (the expensive part), then scores all of its models.
+    let mut upstreams: Vec<(String, PathBuf)> = Vec::new();
+    let mut upstream_of: Vec<usize> = Vec::with_capacity(metas.len());
+    for meta in &metas {
+        let dir = meta.upstream_dir()?;
+        let key = (meta.upstream.kind.clone(), dir.canonicalize().unwrap_or(dir));
+        let index = match upstreams.iter().position(|k| *k == key) {
+            Some(i) => i,
+            None => {
+                upstreams.push(key);
+                upstreams.len() - 1
+            }
+        };
+        upstream_of.push(index);
+    }
+
+    let gpu = cli.open_gpu()?;
+    let mut scored: Vec<Option<(Vec<ResultRow>, Vec<MeanRow>)>> = (0..metas.len()).map(|_| None).collect();
+    for (up, (_, up_dir)) in upstreams.iter().enumerate() {
+        let users: Vec<usize> = (0..metas.len()).filter(|&i| upstream_of[i] == up).collect();
+        let first = &metas[users[0]];
+        let upstream = Upstream::load_for(&gpu, &first.upstream, up_dir)?;
+        let label = format!("{} {}", first.upstream.kind, first.upstream.path);
+        let bar = ser::progress_bar((utts.len() * conds.len()) as u64, &format!("features of {label}"));
         // feats[c][i]: condition c, utterance i.
         let mut feats: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(utts.len()); conds.len()];
         for u in &utts {
@@ -185,34 +205,56 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         }
         bar.finish_and_clear();
         drop(upstream);
-        let (first_row, first_mean) = (rows.len(), means.len());
-        for (c, (noise, snr)) in conds.iter().enumerate() {
-            let refs: Vec<&[f32]> = feats[c].iter().map(|f| f.as_slice()).collect();
-            let pred = ser::argmax_rows(&ser::predict(&gpu, &model, &refs)?);
-            let Scores { wa, ua, n, confusion } = ser::score(&truth, &pred, model.classes);
-            rows.push(ResultRow {
-                model: model_name.clone(),
-                noise: noise.clone(),
-                snr: *snr,
-                wa,
-                ua,
-                n,
-                confusion,
-                labels: meta.labels.clone(),
-            });
+        if users.len() > 1 {
+            eprintln!(
+                "upstream {label}: features computed once for {} SER models",
+                users.len()
+            );
         }
-        for &db in &dbs {
-            let at: Vec<&ResultRow> = rows[first_row..].iter().filter(|r| r.snr == Some(db)).collect();
-            let k = at.len() as f64;
-            means.push(MeanRow {
-                model: model_name.clone(),
-                snr: db,
-                wa: at.iter().map(|r| r.wa).sum::<f64>() / k,
-                ua: at.iter().map(|r| r.ua).sum::<f64>() / k,
-                noise_types: at.len(),
-            });
+        for &i in &users {
+            let model_name = args.ser[i].display().to_string();
+            let (model, _) = SerModel::load(&gpu, &args.ser[i])?;
+            let mut rows = Vec::with_capacity(conds.len());
+            for (c, (noise, snr)) in conds.iter().enumerate() {
+                let refs: Vec<&[f32]> = feats[c].iter().map(|f| f.as_slice()).collect();
+                let pred = ser::argmax_rows(&ser::predict(&gpu, &model, &refs)?);
+                let Scores { wa, ua, n, confusion } = ser::score(&truths[i], &pred, model.classes);
+                rows.push(ResultRow {
+                    model: model_name.clone(),
+                    noise: noise.clone(),
+                    snr: *snr,
+                    wa,
+                    ua,
+                    n,
+                    confusion,
+                    labels: metas[i].labels.clone(),
+                });
+            }
+            let means = dbs
+                .iter()
+                .map(|&db| {
+                    let at: Vec<&ResultRow> = rows.iter().filter(|r| r.snr == Some(db)).collect();
+                    let k = at.len() as f64;
+                    MeanRow {
+                        model: model_name.clone(),
+                        snr: db,
+                        wa: at.iter().map(|r| r.wa).sum::<f64>() / k,
+                        ua: at.iter().map(|r| r.ua).sum::<f64>() / k,
+                        noise_types: at.len(),
+                    }
+                })
+                .collect();
+            scored[i] = Some((rows, means));
         }
-        print_table(&model_name, meta, &rows[first_row..], &means[first_mean..]);
+    }
+    // Tables and results in the order the models were given.
+    let mut rows: Vec<ResultRow> = Vec::new();
+    let mut means: Vec<MeanRow> = Vec::new();
+    for (i, result) in scored.into_iter().enumerate() {
+        let (r, m) = result.expect("every model belongs to one upstream group");
+        print_table(&args.ser[i].display().to_string(), &metas[i], &r, &m);
+        rows.extend(r);
+        means.extend(m);
     }
     if let Some(out) = &args.json {
         let json = serde_json::json!({
