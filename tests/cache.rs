@@ -11,54 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{fixture, read_safetensors};
+use common::{bin, fails_with, fixture, fresh_temp, ok, p, read_safetensors, run, stderr};
 use wgpu_mlkd::data::cache::{
     CacheDType, Manifest, PlannedUtterance, ShardWriter, TeacherCache, TeacherInfo, UtteranceEntry,
 };
 use wgpu_mlkd::data::wav;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-}
-
-fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("run wgpu-mlkd")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "failed: {}", stderr(&o));
-    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
-    o
-}
-
-#[track_caller]
-fn fails_with(o: Output, needles: &[&str]) -> String {
-    let err = stderr(&o);
-    assert!(!o.status.success(), "expected a failure, got success: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    err
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir()
-        .join(format!("wgpu-mlkd-cache-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn teacher() -> PathBuf {
     fixture("base_group")
@@ -666,4 +623,8 @@ fn f16_error_on_a_real_teacher() {
             1.0 - min_cos
         );
     }
+}
+
+fn temp(name: &str) -> PathBuf {
+    fresh_temp("cache", name)
 }

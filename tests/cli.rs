@@ -4,20 +4,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{assert_rel_close, fixture, read_safetensors};
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-        .args(args)
-        .output()
-        .expect("run wgpu-mlkd")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{assert_rel_close, fixture, read_safetensors, run, stderr};
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("wgpu-mlkd-cli-{}", std::process::id()));
@@ -128,7 +116,7 @@ fn bad_arguments_fail_cleanly_without_output() {
             args.extend(["--input".to_string(), path(&wav).into()]);
         }
         args.extend(extra);
-        let o = Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
+        let o = common::bin()
             .args(&args)
             .output()
             .unwrap();

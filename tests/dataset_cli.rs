@@ -2,15 +2,11 @@
 //! one of them, and with `--skip-bad` it succeeds and still reports them. Also the real EmoDB
 //! development set when ../shared is present.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-        .args(args)
-        .output()
-        .expect("run wgpu-mlkd")
-}
+use common::run;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 fn text(o: &Output) -> (String, String) {
     (

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{bin, stderr};
 use rand::{Rng, SeedableRng};
 use wgpu_mlkd::data::wav;
 use wgpu_mlkd::fsutil::OutputLock;
@@ -32,14 +33,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `n` EmoDB-named WAVs of 0.2 to 0.6 s.

@@ -2,26 +2,14 @@
 //! WAVs: they run, save, load, give the documented JSON, the same numbers for the same model twice, and clear
 //! errors for a missing SER folder or a vanished upstream.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::{p, run, stderr};
 use wgpu_mlkd::model::synthetic::{write_random_checkpoint, write_random_student};
 use wgpu_mlkd::model::Wav2Vec2Config;
-
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-        .args(args)
-        .output()
-        .expect("run wgpu-mlkd")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 fn tiny_config() -> Wav2Vec2Config {
     Wav2Vec2Config {

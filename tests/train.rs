@@ -8,50 +8,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 
-use common::{fixture, read_safetensors};
+use common::{bin, fails_with, fixture, fresh_temp, ok, p, read_safetensors, stderr};
 use wgpu_mlkd::data::wav;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-#[track_caller]
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "failed: {}", stderr(&o));
-    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
-    o
-}
-
-#[track_caller]
-fn fails_with(o: Output, needles: &[&str]) -> String {
-    let err = stderr(&o);
-    assert!(!o.status.success(), "expected a failure, got success: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-    err
-}
-
-fn temp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir()
-        .join(format!("wgpu-mlkd-train-{}", std::process::id()))
-        .join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    dir
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// A harmonic "voice" with a speaker- and item-dependent pitch and a syllable-rate envelope, plus a little
 /// seeded noise, at 16 kHz.
@@ -525,4 +486,8 @@ fn repeated_sigkill_resumes_to_identical_losses_and_weights() {
 #[ignore = "slow: 25 kills of a longer run"]
 fn repeated_sigkill_resumes_to_identical_losses_and_weights_long() {
     kill_loop("kill-long", 30, 25, 12);
+}
+
+fn temp(name: &str) -> PathBuf {
+    fresh_temp("train", name)
 }

@@ -48,3 +48,54 @@ pub fn assert_rel_close(name: &str, got: &[f32], want: &[f32], tol: f64) -> f64 
     assert!(rel <= tol, "{name}: max |err| / max |ref| = {rel:.3e} > {tol:.0e}");
     rel
 }
+
+// ---- Running the binary ----
+
+/// The `wgpu-mlkd` binary this test build made.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_wgpu-mlkd"))
+}
+
+/// Runs `wgpu-mlkd ARGS` to completion.
+pub fn run<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+    bin().args(args).output().expect("run wgpu-mlkd")
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts success without a panic, and hands the output back.
+#[track_caller]
+pub fn ok(o: std::process::Output) -> std::process::Output {
+    assert!(o.status.success(), "failed: {}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    o
+}
+
+/// Asserts a clean failure (no panic) whose stderr holds every needle; returns stderr.
+#[track_caller]
+pub fn fails_with(o: std::process::Output, needles: &[&str]) -> String {
+    let err = stderr(&o);
+    assert!(!o.status.success(), "expected a failure, got success: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    err
+}
+
+/// `TMP/wgpu-mlkd-{suite}-{pid}/{name}`, removed if a previous run left it; its parent exists.
+pub fn fresh_temp(suite: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join(format!("wgpu-mlkd-{suite}-{}", std::process::id()))
+        .join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    dir
+}
+
+/// A path as a command-line argument (test paths are UTF-8).
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
