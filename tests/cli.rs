@@ -116,10 +116,7 @@ fn bad_arguments_fail_cleanly_without_output() {
             args.extend(["--input".to_string(), path(&wav).into()]);
         }
         args.extend(extra);
-        let o = common::bin()
-            .args(&args)
-            .output()
-            .unwrap();
+        let o = common::bin().args(&args).output().unwrap();
         let err = stderr(&o);
         assert!(!o.status.success() && err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");

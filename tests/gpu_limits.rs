@@ -64,3 +64,30 @@ fn audio_beyond_the_binding_limit_is_refused_with_the_maximum_length() {
         "{err}"
     );
 }
+
+/// A device lost in the middle of work (here destroyed under the engine, as a driver reset would) turns the
+/// next flush or readback into an error naming the loss, within seconds: no hang, no panic. The work runs on a
+/// thread so that a hang fails the test instead of blocking it.
+#[test]
+fn a_lost_device_becomes_an_error_not_a_hang_or_a_panic() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let result = (|| -> anyhow::Result<Vec<f32>> {
+            // A device of its own: the shared test device must survive.
+            let g = wgpu_mlkd::gpu::Gpu::new(&wgpu_mlkd::gpu::GpuOptions::from_env())?;
+            let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3])?;
+            let y = wgpu_mlkd::ops::elementwise::add(&x, &x)?;
+            assert_eq!(y.to_vec()?, vec![2.0, 4.0, 6.0]);
+            g.destroy_device();
+            let z = wgpu_mlkd::ops::elementwise::add(&y, &x)?;
+            z.to_vec()
+        })();
+        let _ = tx.send(result.map_err(|e| format!("{e:#}")));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("work on a lost device hung (no answer in 60 s) or panicked");
+    let err = got.expect_err("a readback on a destroyed device returned data");
+    eprintln!("{err}");
+    assert!(err.contains("GPU device lost"), "{err}");
+}

@@ -255,11 +255,17 @@ impl Gpu {
                 }
             }));
             let slot = device_error.clone();
+            // Every loss is recorded, `Destroyed` included: wgpu reports that one when the device is dropped
+            // (then nobody reads the slot any more) or destroyed while still in use, which must fail the work.
             device.set_device_lost_callback(move |reason, msg| {
-                if reason != wgpu::DeviceLostReason::Destroyed {
-                    let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
-                    s.get_or_insert_with(|| format!("GPU device lost ({reason:?}): {msg}"));
-                }
+                // The loss explains every error after it (invalid buffers, failed submissions), so it replaces
+                // whatever was recorded first.
+                let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let detail = if msg.trim().is_empty() { String::new() } else { format!(": {msg}") };
+                *s = Some(format!(
+                    "GPU device lost ({reason:?}){detail}; the driver reset or the GPU went away. Rerun: cache-teacher, \
+                     train and ser-train continue from their last saved work"
+                ));
             });
         }
         let pool = Arc::new(BufferPool::new(device.clone(), limits.clone()));
@@ -304,6 +310,16 @@ impl Gpu {
     /// Bytes currently allocated by the buffer pool, and the peak since the last [`Gpu::reset_peak`].
     pub fn memory(&self) -> (u64, u64) {
         self.inner.pool.usage()
+    }
+
+    /// Destroys the device under every handle to it, as a driver reset or an unplugged GPU would: from then on
+    /// every readback, flush and sync fails with "GPU device lost". For tests of that path; nothing else
+    /// should call it.
+    #[doc(hidden)]
+    pub fn destroy_device(&self) {
+        self.inner.device.destroy();
+        // Let wgpu run the device-lost callback now, as it would on its next poll after a real loss.
+        let _ = self.inner.device.poll(wgpu::PollType::Poll);
     }
 
     /// Command buffers submitted so far: every flush with pending work, every readback, is one.
