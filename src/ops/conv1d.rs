@@ -962,7 +962,12 @@ mod tests {
         let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
         assert_eq!(a.len(), b.len(), "{what}");
         let diff = a.iter().zip(&b).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
-        assert_eq!(diff, 0, "{what}: {diff} of {} values differ between the kernels", a.len());
+        assert_eq!(
+            diff,
+            0,
+            "{what}: {diff} of {} values differ between the kernels",
+            a.len()
+        );
     }
 
     /// The subgroup kernels against the 4 x 4 ones (bit for bit: same products, same order) and against the
@@ -1010,7 +1015,12 @@ mod tests {
                 g,
                 gelu,
             );
-            assert_close(&format!("{name} sg forward"), &new.to_vec().unwrap(), &want, Tol::KERNEL);
+            assert_close(
+                &format!("{name} sg forward"),
+                &new.to_vec().unwrap(),
+                &want,
+                Tol::KERNEL,
+            );
             same_bits(&format!("{name} forward"), &old, &new);
 
             let grads = |kern| conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, g, true).unwrap();
@@ -1026,9 +1036,24 @@ mod tests {
                 g,
             );
             let new_dx = new.dx.as_ref().unwrap();
-            assert_close(&format!("{name} sg grad dx"), &new_dx.to_vec().unwrap(), &dx, Tol::KERNEL);
-            assert_close(&format!("{name} sg grad dw"), &new.dw.to_vec().unwrap(), &dw, Tol::KERNEL);
-            assert_close(&format!("{name} sg grad db"), &new.db.to_vec().unwrap(), &db, Tol::KERNEL);
+            assert_close(
+                &format!("{name} sg grad dx"),
+                &new_dx.to_vec().unwrap(),
+                &dx,
+                Tol::KERNEL,
+            );
+            assert_close(
+                &format!("{name} sg grad dw"),
+                &new.dw.to_vec().unwrap(),
+                &dw,
+                Tol::KERNEL,
+            );
+            assert_close(
+                &format!("{name} sg grad db"),
+                &new.db.to_vec().unwrap(),
+                &db,
+                Tol::KERNEL,
+            );
             same_bits(&format!("{name} grad dx"), old.dx.as_ref().unwrap(), new_dx);
             same_bits(&format!("{name} grad dw"), &old.dw, &new.dw);
         }
@@ -1059,11 +1084,17 @@ mod tests {
         // forward refuses channels per group that are not a multiple of 4.
         assert_eq!(choose_conv_kernel(gpu, 1, 512), ConvKernel::Block4);
         assert_eq!(choose_conv_kernel(gpu, 512, 8), ConvKernel::Block4);
-        let want = if conv_subgroups(gpu) { ConvKernel::Subgroup } else { ConvKernel::Block4 };
+        let want = if conv_subgroups(gpu) {
+            ConvKernel::Subgroup
+        } else {
+            ConvKernel::Block4
+        };
         assert_eq!(choose_conv_kernel(gpu, 512, 512), want);
         let x = Tensor::zeros(gpu, &[1, 8, 6]).unwrap();
         let w = Conv1dWeight::pack(&Tensor::zeros(gpu, &[4, 6, 3]).unwrap(), 1).unwrap();
-        let e = conv1d_packed_with(ConvKernel::Subgroup, &x, &w, None, 1, 0, false).unwrap_err().to_string();
+        let e = conv1d_packed_with(ConvKernel::Subgroup, &x, &w, None, 1, 0, false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("subgroup"), "{e}");
     }
 
@@ -1200,7 +1231,16 @@ mod timing {
         }
         // (name, T_in, C_in, C_out, K, stride, padding, groups)
         let cases = [
-            ("layer1 6399 -> 3199 k3", 6399usize, 512usize, 512usize, 3usize, 2usize, 0usize, 1usize),
+            (
+                "layer1 6399 -> 3199 k3",
+                6399usize,
+                512usize,
+                512usize,
+                3usize,
+                2usize,
+                0usize,
+                1usize,
+            ),
             ("layer3 1599 -> 799 k3", 1599, 512, 512, 3, 2, 0, 1),
             ("layer5 399 -> 199 k2", 399, 512, 512, 2, 2, 0, 1),
             ("layer6 199 -> 99 k2", 199, 512, 512, 2, 2, 0, 1),
