@@ -1255,7 +1255,8 @@ mod timing {
             let wp = Conv1dWeight::pack(&w, g).unwrap();
             let dy = Tensor::from_slice(gpu, &random_vec(3, t_out * c_out, 1.0), &[1, t_out, c_out]).unwrap();
             let gflop = 2.0 * (t_out * c_out * (c_in / g) * k) as f64 / 1e9;
-            let parts: [(&str, f64, &dyn Fn(ConvKernel)); 3] = [
+            type Part<'a> = (&'a str, f64, &'a dyn Fn(ConvKernel));
+            let parts: [Part; 3] = [
                 ("forward", gflop, &|kern| {
                     conv1d_packed_with(kern, &x, &wp, None, s, p, false).unwrap();
                 }),
