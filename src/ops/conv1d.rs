@@ -10,18 +10,72 @@
 //! Training: [`conv1d_backward`] gives dx (a gather-form transposed conv), dw (a GEMM over the B * T_out rows,
 //! reduced in row splits whose partials a second pass adds in order) and db, all deterministic (no atomics).
 //! Where the pre-activation is needed, training runs [`conv1d`] then a separate GELU (no fused backward).
+//!
+//! On adapters with subgroups of exactly 8 invocations (lavapipe), the forward, dx and dw run the kernels of
+//! `shaders/conv1d_sg.wgsl` where the shape allows (see [`ConvKernel`]); they give the same bits as the
+//! 4 x 4 kernels. `WGPU_MLKD_NO_CONV_SUBGROUPS=1` keeps the 4 x 4 conv kernels (to compare them),
+//! `WGPU_MLKD_NO_SUBGROUPS=1` turns off every subgroup kernel (matmul too).
 
 use anyhow::{bail, ensure, Result};
 
 use crate::gpu::{DType, Shader, Tensor};
 
 static SHADER: Shader = crate::shader!("conv1d");
+static SG_SHADER: Shader = crate::shader!("conv1d_sg");
 
 /// Output frames and channel blocks per invocation (a 4 x 4 register block).
 const BLOCK: usize = 4;
 /// Invocations per workgroup along channel blocks and frame blocks (`@workgroup_size(16, 4)`).
 const WG_CB: usize = 16;
 const WG_FB: usize = 4;
+/// Lanes per subgroup, and subgroups per workgroup, of the subgroup kernels (`@workgroup_size(64)`).
+const SG_LANES: usize = 8;
+const SG_PER_WG: usize = 8;
+
+/// Which kernels run a conv (the forward, dx and dw each choose; see [`choose_conv_kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// `shaders/conv1d.wgsl`: a 4 x 4 register block per invocation; any shape.
+    Block4,
+    /// `shaders/conv1d_sg.wgsl`: the 8 lanes of a subgroup share 8 rows (frames or output channels) and
+    /// broadcast their operand (adapters with subgroups of exactly 8). Needs the vec4-loaded channels per
+    /// group (C_in / groups for the forward and dw, C_out / groups for dx) to be a multiple of 4.
+    Subgroup,
+}
+
+/// Channels per group, along the product's columns, below which the subgroup kernels leave too many lanes
+/// idle to pay (a subgroup spans 32 channels of one group; a workgroup 8 subgroups).
+const SG_MIN_COLS: usize = 32;
+
+/// True when the adapter has subgroups of exactly 8 and `WGPU_MLKD_NO_CONV_SUBGROUPS` is unset.
+fn conv_subgroups(gpu: &crate::gpu::Gpu) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    gpu.subgroups_of_8() && !*OFF.get_or_init(|| std::env::var_os("WGPU_MLKD_NO_CONV_SUBGROUPS").is_some())
+}
+
+/// The subgroup kernel where the adapter has it, the shape fits it (`vec4_channels`, the channels per group
+/// the kernel loads as vec4, a multiple of 4) and the columns (`col_channels` per group) fill its lanes.
+pub fn choose_conv_kernel(gpu: &crate::gpu::Gpu, vec4_channels: usize, col_channels: usize) -> ConvKernel {
+    if conv_subgroups(gpu) && vec4_channels % 4 == 0 && col_channels >= SG_MIN_COLS {
+        ConvKernel::Subgroup
+    } else {
+        ConvKernel::Block4
+    }
+}
+
+fn check_kernel(op: &str, gpu: &crate::gpu::Gpu, kernel: ConvKernel, vec4_channels: usize) -> Result<()> {
+    if kernel == ConvKernel::Subgroup {
+        ensure!(
+            gpu.subgroups_of_8(),
+            "{op}: the subgroup kernel needs an adapter with subgroups of exactly 8 invocations"
+        );
+        ensure!(
+            vec4_channels % 4 == 0,
+            "{op}: the subgroup kernel needs a multiple of 4 channels per group, got {vec4_channels}"
+        );
+    }
+    Ok(())
+}
 
 /// A conv weight in the kernel's layout `[groups, K, C_in / groups, C_out / groups rounded up to 4]`.
 #[derive(Clone, Debug)]
@@ -131,6 +185,21 @@ pub fn conv1d_packed(
     padding: usize,
     gelu: bool,
 ) -> Result<Tensor> {
+    let kernel = choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups);
+    conv1d_packed_with(kernel, x, w, bias, stride, padding, gelu)
+}
+
+/// [`conv1d_packed`] with the kernel given (tests and benches compare them).
+pub(crate) fn conv1d_packed_with(
+    kernel: ConvKernel,
+    x: &Tensor,
+    w: &Conv1dWeight,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    gelu: bool,
+) -> Result<Tensor> {
+    check_kernel("conv1d", x.gpu(), kernel, w.cg_in)?;
     let &[batch, t, c_in] = x.shape() else {
         bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
     };
@@ -166,6 +235,41 @@ pub fn conv1d_packed(
     }
     let cg_out = w.c_out / w.groups;
     let cb_per_group = cg_out.div_ceil(BLOCK);
+    // Without a bias the binding still needs a buffer; the kernel never reads it.
+    let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
+    if kernel == ConvKernel::Subgroup {
+        let chunks_per_group = cb_per_group.div_ceil(SG_LANES);
+        let n_chunks = w.groups * chunks_per_group;
+        let rows = batch * t_out;
+        let row_tiles = rows.div_ceil(SG_LANES);
+        let params = [
+            rows,
+            t,
+            c_in,
+            t_out,
+            w.c_out,
+            w.k,
+            stride,
+            padding,
+            w.cg_in,
+            cg_out,
+            cb_per_group,
+            chunks_per_group,
+            n_chunks,
+            row_tiles,
+            bias.is_some() as usize,
+            gelu as usize,
+        ]
+        .map(|v| v as u32);
+        x.gpu().dispatch(
+            &SG_SHADER,
+            "conv1d_sg_forward",
+            &[x.buffer(), w.packed.buffer(), bias_buf, y.buffer()],
+            &params,
+            (row_tiles * n_chunks.div_ceil(SG_PER_WG)) as u32,
+        )?;
+        return Ok(y);
+    }
     let n_cb = w.groups * cb_per_group;
     let fb_per_batch = t_out.div_ceil(BLOCK);
     let n_wg_cb = n_cb.div_ceil(WG_CB);
@@ -189,8 +293,6 @@ pub fn conv1d_packed(
         gelu as usize,
     ]
     .map(|v| v as u32);
-    // Without a bias the binding still needs a buffer; the kernel never reads it.
-    let bias_buf = bias.map_or(x.buffer(), |b| b.buffer());
     x.gpu().dispatch(
         &SHADER,
         "conv1d_forward",
@@ -224,6 +326,23 @@ pub struct Conv1dGrads {
 /// dx (feature-encoder layer 0, whose input is the waveform). Deterministic: no atomics, fixed reduction
 /// order for a given shape.
 pub fn conv1d_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    need_dx: bool,
+) -> Result<Conv1dGrads> {
+    conv1d_backward_with(None, dy, x, w, stride, padding, groups, need_dx)
+}
+
+/// [`conv1d_backward`] with the kernels forced (tests and benches): `Some(Block4)` runs the 4 x 4 kernels
+/// only, `Some(Subgroup)` the subgroup kernels for dx and dw wherever their channel counts allow (also
+/// where they are too narrow to pay), `None` chooses as [`conv1d_backward`] does.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv1d_backward_with(
+    forced: Option<ConvKernel>,
     dy: &Tensor,
     x: &Tensor,
     w: &Tensor,
@@ -273,6 +392,16 @@ pub fn conv1d_backward(
     );
     let gpu = x.gpu();
     let cg_out = c_out / groups;
+    // dx loads dy (C_out / groups channels) as vec4, its columns are input channels; dw the reverse.
+    let pick = |vec4_channels: usize, col_channels: usize| match forced {
+        None => choose_conv_kernel(gpu, vec4_channels, col_channels),
+        Some(ConvKernel::Subgroup) if vec4_channels % 4 == 0 => ConvKernel::Subgroup,
+        Some(_) => ConvKernel::Block4,
+    };
+    let (dx_kernel, dw_kernel) = (pick(cg_out, cg_in), pick(cg_in, cg_out));
+    if forced == Some(ConvKernel::Subgroup) {
+        check_kernel(op, gpu, ConvKernel::Subgroup, 4)?;
+    }
     let dw = Tensor::empty(gpu, &[c_out, cg_in, k], DType::F32)?;
     let db = Tensor::empty(gpu, &[c_out], DType::F32)?;
     let dx = need_dx
@@ -307,35 +436,67 @@ pub fn conv1d_backward(
             n.div_ceil(256) as u32,
         )?;
         let cib_per_group = cg_in_pad / BLOCK;
-        let n_cib = groups * cib_per_group;
-        let mb_per_phase = t.div_ceil(stride).div_ceil(BLOCK);
-        let n_fb = batch * stride * mb_per_phase;
-        let n_wg_cb = n_cib.div_ceil(WG_CB);
-        let params = [
-            batch,
-            t,
-            c_in,
-            t_out,
-            c_out,
-            k,
-            stride,
-            padding,
-            cg_in,
-            cg_out,
-            cib_per_group,
-            n_cib,
-            mb_per_phase,
-            n_fb,
-            n_wg_cb,
-        ]
-        .map(|v| v as u32);
-        gpu.dispatch(
-            &SHADER,
-            "conv1d_backward_input",
-            &[dy.buffer(), wt.buffer(), dx.buffer()],
-            &params,
-            (n_wg_cb * n_fb.div_ceil(WG_FB)) as u32,
-        )?;
+        if dx_kernel == ConvKernel::Subgroup {
+            let chunks_per_group = cib_per_group.div_ceil(SG_LANES);
+            let n_chunks = groups * chunks_per_group;
+            let mb_per_phase = t.div_ceil(stride).div_ceil(SG_LANES);
+            let n_fb = batch * stride * mb_per_phase;
+            let params = [
+                batch,
+                t,
+                c_in,
+                t_out,
+                c_out,
+                k,
+                stride,
+                padding,
+                cg_in,
+                cg_out,
+                cib_per_group,
+                chunks_per_group,
+                n_chunks,
+                mb_per_phase,
+                n_fb,
+            ]
+            .map(|v| v as u32);
+            gpu.dispatch(
+                &SG_SHADER,
+                "conv1d_sg_backward_input",
+                &[dy.buffer(), wt.buffer(), dx.buffer()],
+                &params,
+                (n_fb * n_chunks.div_ceil(SG_PER_WG)) as u32,
+            )?;
+        } else {
+            let n_cib = groups * cib_per_group;
+            let mb_per_phase = t.div_ceil(stride).div_ceil(BLOCK);
+            let n_fb = batch * stride * mb_per_phase;
+            let n_wg_cb = n_cib.div_ceil(WG_CB);
+            let params = [
+                batch,
+                t,
+                c_in,
+                t_out,
+                c_out,
+                k,
+                stride,
+                padding,
+                cg_in,
+                cg_out,
+                cib_per_group,
+                n_cib,
+                mb_per_phase,
+                n_fb,
+                n_wg_cb,
+            ]
+            .map(|v| v as u32);
+            gpu.dispatch(
+                &SHADER,
+                "conv1d_backward_input",
+                &[dy.buffer(), wt.buffer(), dx.buffer()],
+                &params,
+                (n_wg_cb * n_fb.div_ceil(WG_FB)) as u32,
+            )?;
+        }
     }
 
     // dw: row splits of the GEMM, then their sum (skipped with one split, which stores into dw directly).
@@ -355,33 +516,66 @@ pub fn conv1d_backward(
     } else {
         dw.clone()
     };
-    let params = [
-        t,
-        c_in,
-        t_out,
-        c_out,
-        k,
-        stride,
-        padding,
-        cg_in,
-        cg_out,
-        n_cols,
-        cb_per_group,
-        n_cb,
-        n_wg_cb,
-        n_wg_col,
-        rows,
-        rows_per_split,
-        n_split,
-    ]
-    .map(|v| v as u32);
-    gpu.dispatch(
-        &SHADER,
-        "conv1d_backward_weight",
-        &[dy.buffer(), x.buffer(), dw_part.buffer()],
-        &params,
-        (n_wg * n_split) as u32,
-    )?;
+    if dw_kernel == ConvKernel::Subgroup {
+        // The same splits as the 4 x 4 kernel (computed from its grid above), so the same bits.
+        let co_tiles_per_group = cg_out.div_ceil(SG_LANES);
+        let n_co_tiles = groups * co_tiles_per_group;
+        let n_col_tiles = n_cols.div_ceil(BLOCK * SG_LANES * SG_PER_WG);
+        let params = [
+            t,
+            c_in,
+            t_out,
+            c_out,
+            k,
+            stride,
+            padding,
+            cg_in,
+            cg_out,
+            n_cols,
+            co_tiles_per_group,
+            n_co_tiles,
+            n_col_tiles,
+            rows,
+            rows_per_split,
+            n_split,
+        ]
+        .map(|v| v as u32);
+        gpu.dispatch(
+            &SG_SHADER,
+            "conv1d_sg_backward_weight",
+            &[dy.buffer(), x.buffer(), dw_part.buffer()],
+            &params,
+            (n_co_tiles * n_col_tiles * n_split) as u32,
+        )?;
+    } else {
+        let params = [
+            t,
+            c_in,
+            t_out,
+            c_out,
+            k,
+            stride,
+            padding,
+            cg_in,
+            cg_out,
+            n_cols,
+            cb_per_group,
+            n_cb,
+            n_wg_cb,
+            n_wg_col,
+            rows,
+            rows_per_split,
+            n_split,
+        ]
+        .map(|v| v as u32);
+        gpu.dispatch(
+            &SHADER,
+            "conv1d_backward_weight",
+            &[dy.buffer(), x.buffer(), dw_part.buffer()],
+            &params,
+            (n_wg * n_split) as u32,
+        )?;
+    }
     if n_split > 1 {
         sum_splits(&dw_part, &dw, c_out * n_cols, n_split)?;
     }
@@ -764,6 +958,146 @@ mod tests {
         check_grad("pos k128 g16", 720, (1, 70, 96, 96, 128, 1, 64, 16), true);
     }
 
+    fn same_bits(what: &str, a: &Tensor, b: &Tensor) {
+        let (a, b) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+        assert_eq!(a.len(), b.len(), "{what}");
+        let diff = a.iter().zip(&b).filter(|(p, q)| p.to_bits() != q.to_bits()).count();
+        assert_eq!(
+            diff,
+            0,
+            "{what}: {diff} of {} values differ between the kernels",
+            a.len()
+        );
+    }
+
+    /// The subgroup kernels against the 4 x 4 ones (bit for bit: same products, same order) and against the
+    /// f64 reference, on shapes whose frames and channels are not multiples of 8, 32 or 256.
+    #[test]
+    fn subgroup_kernels_match_block4_bitwise() {
+        let gpu = test_gpu();
+        if !gpu.subgroups_of_8() {
+            eprintln!("adapter without subgroups of 8: nothing to compare");
+            return;
+        }
+        let cases: [(&str, Case); 7] = [
+            ("c12 k3 s2", (2, 37, 12, 44, 3, 2, 0, 1, true, false)),
+            ("c36 k2 s2 pad gelu", (1, 29, 36, 40, 2, 2, 1, 1, false, true)),
+            ("c20 out 300 k3", (1, 19, 20, 300, 3, 2, 0, 1, true, true)),
+            ("grouped cg 4 x 5", (1, 25, 32, 40, 5, 1, 2, 8, true, false)),
+            ("grouped cg 12 k9 pad", (2, 21, 48, 48, 9, 1, 4, 4, true, true)),
+            ("c512 -> 20 k3", (1, 23, 512, 20, 3, 2, 0, 1, false, false)),
+            ("k > t", (1, 3, 4, 6, 7, 1, 3, 1, true, true)),
+        ];
+        for (i, (name, (b, t, c_in, c_out, k, s, p, g, with_bias, gelu))) in cases.into_iter().enumerate() {
+            let seed = 900 + 10 * i as u64;
+            let cg_in = c_in / g;
+            let t_out = (t + 2 * p - k) / s + 1;
+            let xv = random_vec(seed, b * t * c_in, 1.0);
+            let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
+            let bv = random_vec(seed + 2, c_out, 0.5);
+            let dyv = random_vec(seed + 3, b * t_out * c_out, 1.0);
+            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+            let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
+            let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
+            let bias = with_bias.then_some(&bias);
+            let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
+            let packed = Conv1dWeight::pack(&w, g).unwrap();
+            let run = |kern| conv1d_packed_with(kern, &x, &packed, bias, s, p, gelu).unwrap();
+            let (old, new) = (run(ConvKernel::Block4), run(ConvKernel::Subgroup));
+            let want = reference::conv1d(
+                &xv,
+                [b, t, c_in],
+                &wv,
+                [c_out, cg_in, k],
+                with_bias.then_some(&bv[..]),
+                s,
+                p,
+                g,
+                gelu,
+            );
+            assert_close(
+                &format!("{name} sg forward"),
+                &new.to_vec().unwrap(),
+                &want,
+                Tol::KERNEL,
+            );
+            same_bits(&format!("{name} forward"), &old, &new);
+
+            let grads = |kern| conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, g, true).unwrap();
+            let (old, new) = (grads(ConvKernel::Block4), grads(ConvKernel::Subgroup));
+            let (dx, dw, db) = reference::conv1d_backward(
+                &to_f64(&dyv),
+                &to_f64(&xv),
+                [b, t, c_in],
+                &to_f64(&wv),
+                [c_out, cg_in, k],
+                s,
+                p,
+                g,
+            );
+            let new_dx = new.dx.as_ref().unwrap();
+            assert_close(
+                &format!("{name} sg grad dx"),
+                &new_dx.to_vec().unwrap(),
+                &dx,
+                Tol::KERNEL,
+            );
+            assert_close(
+                &format!("{name} sg grad dw"),
+                &new.dw.to_vec().unwrap(),
+                &dw,
+                Tol::KERNEL,
+            );
+            assert_close(
+                &format!("{name} sg grad db"),
+                &new.db.to_vec().unwrap(),
+                &db,
+                Tol::KERNEL,
+            );
+            same_bits(&format!("{name} grad dx"), old.dx.as_ref().unwrap(), new_dx);
+            same_bits(&format!("{name} grad dw"), &old.dw, &new.dw);
+        }
+    }
+
+    #[test]
+    fn subgroup_dw_with_row_splits_matches_block4_bitwise() {
+        // 2 x 1001 rows in several splits (the 4 x 4 kernel's grid is small here), padding at both ends.
+        let gpu = test_gpu();
+        if !gpu.subgroups_of_8() {
+            return;
+        }
+        let (b, t, c_in, c_out, k, s, p) = (2, 1001, 20, 12, 3, 2, 1);
+        let t_out = (t + 2 * p - k) / s + 1;
+        let x = Tensor::from_slice(gpu, &random_vec(31, b * t * c_in, 1.0), &[b, t, c_in]).unwrap();
+        let w = Tensor::from_slice(gpu, &random_vec(32, c_out * c_in * k, 0.2), &[c_out, c_in, k]).unwrap();
+        let dy = Tensor::from_slice(gpu, &random_vec(33, b * t_out * c_out, 1.0), &[b, t_out, c_out]).unwrap();
+        let grads = |kern| conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, 1, true).unwrap();
+        let (old, new) = (grads(ConvKernel::Block4), grads(ConvKernel::Subgroup));
+        same_bits("split dw", &old.dw, &new.dw);
+        same_bits("split dx", old.dx.as_ref().unwrap(), new.dx.as_ref().unwrap());
+    }
+
+    #[test]
+    fn narrow_or_unaligned_shapes_keep_the_block4_kernels() {
+        let gpu = test_gpu();
+        // Layer 0 (C_in = 1: no vec4 loads) and narrow outputs keep the 4 x 4 kernels; a forced subgroup
+        // forward refuses channels per group that are not a multiple of 4.
+        assert_eq!(choose_conv_kernel(gpu, 1, 512), ConvKernel::Block4);
+        assert_eq!(choose_conv_kernel(gpu, 512, 8), ConvKernel::Block4);
+        let want = if conv_subgroups(gpu) {
+            ConvKernel::Subgroup
+        } else {
+            ConvKernel::Block4
+        };
+        assert_eq!(choose_conv_kernel(gpu, 512, 512), want);
+        let x = Tensor::zeros(gpu, &[1, 8, 6]).unwrap();
+        let w = Conv1dWeight::pack(&Tensor::zeros(gpu, &[4, 6, 3]).unwrap(), 1).unwrap();
+        let e = conv1d_packed_with(ConvKernel::Subgroup, &x, &w, None, 1, 0, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("subgroup"), "{e}");
+    }
+
     #[test]
     fn conv1d_grad_is_deterministic() {
         let case = (2, 1001, 64, 40, 3, 2, 0, 1);
@@ -880,6 +1214,82 @@ mod timing {
                 cpu * 1e3,
                 flops / dt / 1e9
             );
+        }
+    }
+
+    /// The 4 x 4 kernels against the subgroup kernels at wav2vec2-base's conv shapes for a 2 s input (one batch
+    /// row), timed interleaved in one process (A, B, A, B, .., best of 5; the machine is shared): GFLOP/s of
+    /// the forward, of dw + db (`need_dx = false`) and of the whole backward, and the new / old speed ratio.
+    /// `cargo test --release --lib bench_conv_kernels_model_shapes -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_conv_kernels_model_shapes() {
+        let gpu = test_gpu();
+        if !gpu.subgroups_of_8() {
+            eprintln!("adapter without subgroups of 8: nothing to compare");
+            return;
+        }
+        // (name, T_in, C_in, C_out, K, stride, padding, groups)
+        let cases = [
+            (
+                "layer1 6399 -> 3199 k3",
+                6399usize,
+                512usize,
+                512usize,
+                3usize,
+                2usize,
+                0usize,
+                1usize,
+            ),
+            ("layer3 1599 -> 799 k3", 1599, 512, 512, 3, 2, 0, 1),
+            ("layer5 399 -> 199 k2", 399, 512, 512, 2, 2, 0, 1),
+            ("layer6 199 -> 99 k2", 199, 512, 512, 2, 2, 0, 1),
+            ("pos conv 99, k128 g16", 99, 768, 768, 128, 1, 64, 16),
+        ];
+        let old_new = [ConvKernel::Block4, ConvKernel::Subgroup];
+        for (name, t, c_in, c_out, k, s, p, g) in cases {
+            let t_out = (t + 2 * p - k) / s + 1;
+            let x = Tensor::from_slice(gpu, &random_vec(1, t * c_in, 1.0), &[1, t, c_in]).unwrap();
+            let wv = random_vec(2, c_out * c_in / g * k, 0.1);
+            let w = Tensor::from_slice(gpu, &wv, &[c_out, c_in / g, k]).unwrap();
+            let wp = Conv1dWeight::pack(&w, g).unwrap();
+            let dy = Tensor::from_slice(gpu, &random_vec(3, t_out * c_out, 1.0), &[1, t_out, c_out]).unwrap();
+            let gflop = 2.0 * (t_out * c_out * (c_in / g) * k) as f64 / 1e9;
+            type Part<'a> = (&'a str, f64, &'a dyn Fn(ConvKernel));
+            let parts: [Part; 3] = [
+                ("forward", gflop, &|kern| {
+                    conv1d_packed_with(kern, &x, &wp, None, s, p, false).unwrap();
+                }),
+                ("dw+db", gflop, &|kern| {
+                    conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, g, false).unwrap();
+                }),
+                ("dx+dw+db", 2.0 * gflop, &|kern| {
+                    conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, g, true).unwrap();
+                }),
+            ];
+            for (part, flop, run) in parts {
+                let time = |kern| {
+                    let start = std::time::Instant::now();
+                    run(kern);
+                    gpu.sync().unwrap();
+                    start.elapsed().as_secs_f64()
+                };
+                for kern in old_new {
+                    time(kern); // compiles the pipelines
+                }
+                let mut best = [f64::MAX; 2];
+                for _ in 0..5 {
+                    for (i, &kern) in old_new.iter().enumerate() {
+                        best[i] = best[i].min(time(kern));
+                    }
+                }
+                eprintln!(
+                    "{name} {part}: Block4 {:.2} GFLOP/s, Subgroup {:.2} GFLOP/s ({:.2}x)",
+                    flop / best[0],
+                    flop / best[1],
+                    best[0] / best[1]
+                );
+            }
         }
     }
 
