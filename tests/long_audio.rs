@@ -185,18 +185,18 @@ fn a_three_minute_file_is_classified_in_segments_and_averaged() {
     for (a, b) in overall.iter().zip(&mean) {
         assert!((a - b).abs() < 1e-6, "overall {overall:?} vs weighted mean {mean:?}");
     }
-    let best = (0..overall.len()).max_by(|&a, &b| overall[a].total_cmp(&overall[b])).unwrap();
+    let best = (0..overall.len())
+        .max_by(|&a, &b| overall[a].total_cmp(&overall[b]))
+        .unwrap();
     assert_eq!(v["label"], v["probabilities"][best][0]);
     // Seconds per top label add up to the file.
-    let total: f64 = v["label_seconds"].as_array().unwrap().iter().map(|x| x[1].as_f64().unwrap()).sum();
+    let total: f64 = v["label_seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x[1].as_f64().unwrap())
+        .sum();
     assert!((total - 185.0).abs() < 1e-9, "{}", v["label_seconds"]);
-
-    // Asking for 30 s segments gives the same numbers, marked as requested.
-    let (w, err) = infer_json(&ser, &wav, &["--segment", "30"]);
-    assert!(!err.contains("note:"), "{err}");
-    assert_eq!(w["segmentation"], "requested");
-    assert_eq!(w["segments"], v["segments"]);
-    assert_eq!(w["probabilities"], v["probabilities"]);
 
     // Each segment is classified exactly as that stretch of audio on its own (normalised on its own).
     let all = wgpu_mlkd::data::wav::load_16k(&wav).unwrap();
@@ -211,28 +211,39 @@ fn a_three_minute_file_is_classified_in_segments_and_averaged() {
         assert_eq!(alone["probabilities"], segs[k]["probabilities"], "segment {k}");
     }
 
-    // Text: a line per segment, the time per label, then the file's answer.
-    let o = run(&["infer", "--ser", p(&ser), "--input", p(&wav)]);
+    // Text, asking for 30 s segments: no note, a line per segment (the same as the automatic ones), the time
+    // per label, then the file's answer.
+    let o = run(&["infer", "--ser", p(&ser), "--input", p(&wav), "--segment", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("note:"), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 7 + 3, "{out}");
-    assert!(lines[0].trim_start().starts_with("0.00-30.00"), "{out}");
-    assert!(lines[6].contains("180.00-185.00"), "{out}");
+    for (line, s) in lines.iter().zip(segs) {
+        let (start, end) = (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap());
+        assert!(line.trim_start().starts_with(&format!("{start:.2}-{end:.2}")), "{out}");
+        assert!(line.contains(&format!(" {} ", s["label"].as_str().unwrap())), "{out}");
+    }
     assert!(lines[7].starts_with("top label per segment:"), "{out}");
-    assert!(lines[8].starts_with(&format!("{}: {}", p(&wav), v["label"].as_str().unwrap())), "{out}");
+    let file_line = format!("{}: {} (", p(&wav), v["label"].as_str().unwrap());
+    assert!(lines[8].starts_with(&file_line), "{out}");
 
-    // Another rate and channel count: 70 s of 48 kHz stereo gives 30 + 30 + 10 s.
+    // Another rate and channel count: 65 s of 48 kHz stereo gives 30 + 30 + 5 s.
     let wav48 = dir.join("long48.wav");
-    write_long_wav(&wav48, 70.0, 48000, 2);
+    write_long_wav(&wav48, 65.0, 48000, 2);
     let (v, err) = infer_json(&ser, &wav48, &[]);
     assert!(err.contains("3 segments of 30.0 s"), "{err}");
-    let ends: Vec<f64> = v["segments"].as_array().unwrap().iter().map(|s| s["end"].as_f64().unwrap()).collect();
-    assert_eq!(ends, [30.0, 60.0, 70.0]);
+    let ends: Vec<f64> = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["end"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ends, [30.0, 60.0, 65.0]);
 
     // Up to 60 s: one piece, as before.
     let short = dir.join("short.wav");
-    write_long_wav(&short, 60.0, 22050, 1);
+    write_long_wav(&short, 20.0, 22050, 1);
     let (v, err) = infer_json(&ser, &short, &[]);
     assert!(!err.contains("note:"), "{err}");
     assert_eq!(v["segmentation"], "none");
@@ -241,10 +252,10 @@ fn a_three_minute_file_is_classified_in_segments_and_averaged() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// `extract` takes a file whole: one longer than the model can take is refused up front, naming the file,
-/// its duration and the limit, and suggesting to split it.
+/// `extract` and `cache-teacher` take a file whole: one longer than the model can take is refused before the
+/// model runs, naming the file, its duration and the limit, and suggesting to split it.
 #[test]
-fn extract_refuses_a_file_longer_than_the_model_takes() {
+fn commands_taking_files_whole_refuse_one_longer_than_the_model_takes() {
     let dir = std::env::temp_dir().join(format!("wgpu-mlkd-long-extract-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -276,7 +287,15 @@ fn extract_refuses_a_file_longer_than_the_model_takes() {
     std::fs::write(&wav, &b).unwrap();
     drop(b);
     let out = dir.join("out.safetensors");
-    let o = run(&["extract", "--teacher", p(&teacher), "--input", p(&wav), "--out", p(&out)]);
+    let o = run(&[
+        "extract",
+        "--teacher",
+        p(&teacher),
+        "--input",
+        p(&wav),
+        "--out",
+        p(&out),
+    ]);
     assert!(!o.status.success());
     let err = stderr(&o);
     eprintln!("{err}");
@@ -289,6 +308,33 @@ fn extract_refuses_a_file_longer_than_the_model_takes() {
         "{err}"
     );
     assert!(!err.contains("panicked") && !out.exists(), "{err}");
+
+    // cache-teacher refuses it before computing anything, and leaves no cache behind.
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::rename(&wav, data.join("03a01Wa.wav")).unwrap();
+    let cache = dir.join("cache");
+    let o = run(&[
+        "cache-teacher",
+        "--teacher",
+        p(&teacher),
+        "--data",
+        p(&data),
+        "--out",
+        p(&cache),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    eprintln!("{err}");
+    assert!(
+        err.contains("03a01Wa.wav") && err.contains(&seconds) && err.contains("nothing was computed"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("({max} samples")) && err.contains("split"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked") && !cache.exists(), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -336,7 +382,16 @@ fn two_hours(name: &str, rate: u32, channels: u16) {
     let out = dir.join("out.json");
     let ser = dir.join("ser");
     let (status, peak, wall) = run_measured(
-        &["infer", "--ser", p(&ser), "--input", p(&wav), "--segment", "30", "--json"],
+        &[
+            "infer",
+            "--ser",
+            p(&ser),
+            "--input",
+            p(&wav),
+            "--segment",
+            "30",
+            "--json",
+        ],
         &out,
     );
     eprintln!(
