@@ -374,10 +374,10 @@ fn two_hours(name: &str, rate: u32, channels: u16) {
     let file_bytes = std::fs::metadata(&wav).unwrap().len();
     let decoded = 7200 * 16000 * 4u64;
     eprintln!(
-        "wrote {:.0} MB ({rate} Hz x {channels}) in {:.1} s; decoded at 16 kHz it is {:.0} MB",
-        file_bytes as f64 / 1e6,
+        "wrote {:.0} MiB ({rate} Hz x {channels}) in {:.1} s; decoded at 16 kHz it is {:.0} MiB",
+        file_bytes as f64 / 1048576.0,
         t.elapsed().as_secs_f64(),
-        decoded as f64 / 1e6
+        decoded as f64 / 1048576.0
     );
     let out = dir.join("out.json");
     let ser = dir.join("ser");
@@ -395,9 +395,9 @@ fn two_hours(name: &str, rate: u32, channels: u16) {
         &out,
     );
     eprintln!(
-        "infer --segment 30 on 2 h: {wall:.1} s, peak RSS {:.1} MB (bound {:.0} MB)",
-        peak as f64 / 1e6,
-        BOUND as f64 / 1e6
+        "infer --segment 30 on 2 h: {wall:.1} s, peak RSS {:.1} MiB (bound {} MiB)",
+        peak as f64 / 1048576.0,
+        BOUND >> 20
     );
     assert!(status.success(), "{status:?}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();

@@ -5,6 +5,10 @@
 //! taken as is. Channels are averaged to mono in f64, then rounded to f32 once. Anything else
 //! (A-law, mu-law, ADPCM, 64-bit float, odd bit depths, 0 Hz, 0 channels, no samples, NaN or
 //! infinite floats, a data chunk cut short) is an error naming the file and the problem.
+//!
+//! Whole or in pieces: [`read_wav`] and [`load_16k`] return the whole file; [`WavStream`] (native rate)
+//! and [`open_16k`] (16 kHz) give the same samples, bit for bit, in pieces of any size, in memory that
+//! does not grow with the file (for long recordings).
 
 use std::collections::VecDeque;
 use std::fs::File;
