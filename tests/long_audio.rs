@@ -341,6 +341,7 @@ fn commands_taking_files_whole_refuse_one_longer_than_the_model_takes() {
 /// Runs `args` and returns (its output, its peak resident memory in bytes, wall seconds), the peak from the
 /// kernel's own account of the child (`wait4`'s `ru_maxrss`).
 #[cfg(target_os = "linux")]
+#[allow(clippy::zombie_processes)] // wait4 reaps the child (std's wait would lose its rusage).
 fn run_measured(args: &[&str], stdout: &Path) -> (std::process::ExitStatus, u64, f64) {
     use std::os::unix::process::ExitStatusExt;
     let started = std::time::Instant::now();
