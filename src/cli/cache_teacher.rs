@@ -541,6 +541,23 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
 
     let gpu = cli.open_gpu()?;
     let model = Wav2Vec2::load(&gpu, &args.teacher)?;
+    // Refuse files the teacher cannot take in one piece before computing anything (the forward would refuse
+    // them one by one, hours into a run).
+    let max = model.max_samples();
+    let too_long: Vec<String> = todo
+        .iter()
+        .filter(|it| it.samples > max)
+        .map(|it| format!("{}: {:.1} s", it.utt.path.display(), it.samples as f64 / 16000.0))
+        .collect();
+    if !too_long.is_empty() {
+        bail!(
+            "{} file(s) are longer than this GPU lets the teacher take in one piece ({max} samples = {:.1} s, set \
+             by its largest storage binding); nothing was computed; split them into shorter utterances:\n  {}",
+            too_long.len(),
+            max as f64 / 16000.0,
+            too_long.join("\n  ")
+        );
+    }
     install_interrupt_handler();
     let plan = plan_shards(&todo_bytes, args.max_shard_utterances, max_shard_bytes);
     let progress = indicatif::ProgressBar::new(todo_samples);

@@ -24,7 +24,8 @@
 //! Cost: the kernel spans `115 / s` input samples, where `s = min(1, to/from)`, so it is about
 //! 115 multiply-adds per input sample when downsampling (whatever the ratio: 10 MHz -> 16 kHz costs
 //! per input sample what 48 kHz -> 16 kHz does) and about 115 per output sample when upsampling.
-//! Memory is the output plus the table. Single-threaded.
+//! Memory is the output plus the table. Single-threaded. [`Resampler`] takes the signal in pieces and gives
+//! bit-identical output in memory that does not grow with the signal.
 
 /// Passband edge, as a fraction of the lower Nyquist frequency.
 const PASS_EDGE: f64 = 0.90;
@@ -183,6 +184,72 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// How to compute output `n`: the table, and the exact step from one output's input time to the next.
+struct Plan {
+    table: Table,
+    up: u64,
+    /// Output `n + 1` sits `step_i + step_p / up` input samples after output `n`.
+    step_i: usize,
+    step_p: u64,
+    /// `Some((phases, phases / up))` for the interpolated table (`phases + 1` rows).
+    interp: Option<(usize, f64)>,
+}
+
+impl Plan {
+    /// Only for different rates (equal rates copy the input).
+    fn new(from_hz: u32, to_hz: u32, force_interp: bool) -> Plan {
+        let g = gcd(from_hz as u64, to_hz as u64);
+        let (up, down) = (to_hz as u64 / g, from_hz as u64 / g);
+        let kernel = Kernel::new(from_hz, to_hz);
+        let taps = 2 * kernel.half_width_in().ceil() as usize + 2;
+        let interp_phases = (INTERP_PHASES * kernel.s).ceil() as u64;
+        let exact = !force_interp && (up <= interp_phases || (up as u128) * (taps as u128) <= MAX_TABLE as u128);
+        let (table, interp) = if exact {
+            (Table::new(&kernel, up as usize, up as usize), None)
+        } else {
+            let phases = interp_phases as usize;
+            (
+                Table::new(&kernel, phases, phases + 1),
+                Some((phases, phases as f64 / up as f64)),
+            )
+        };
+        Plan {
+            table,
+            up,
+            step_i: (down / up) as usize,
+            step_p: down % up,
+            interp,
+        }
+    }
+
+    /// The output at input time `i + p / up`, `x` holding the input from index 0 (zeros outside it).
+    #[inline]
+    fn at(&self, x: &[f32], i: usize, p: u64) -> f32 {
+        match self.interp {
+            None => self.table.apply(x, i, p as usize),
+            Some((phases, scale)) => {
+                let pos = p as f64 * scale;
+                let q = (pos as usize).min(phases - 1);
+                let a = (pos - q as f64) as f32;
+                let lo = self.table.apply(x, i, q);
+                let hi = self.table.apply(x, i, q + 1);
+                lo + a * (hi - lo)
+            }
+        }
+    }
+
+    /// Steps `(i, p)` to the next output's input time, exactly.
+    #[inline]
+    fn advance(&self, i: &mut usize, p: &mut u64) {
+        *i += self.step_i;
+        *p += self.step_p;
+        if *p >= self.up {
+            *p -= self.up;
+            *i += 1;
+        }
+    }
+}
+
 /// `resample`, optionally forcing the interpolated table (so tests can cover it at common rates).
 fn resample_impl(x: &[f32], from_hz: u32, to_hz: u32, force_interp: bool) -> Vec<f32> {
     let out_len = output_len(x.len(), from_hz, to_hz);
@@ -192,48 +259,106 @@ fn resample_impl(x: &[f32], from_hz: u32, to_hz: u32, force_interp: bool) -> Vec
     if out_len == 0 {
         return Vec::new();
     }
-    let g = gcd(from_hz as u64, to_hz as u64);
-    let (up, down) = (to_hz as u64 / g, from_hz as u64 / g);
-    let kernel = Kernel::new(from_hz, to_hz);
-    let taps = 2 * kernel.half_width_in().ceil() as usize + 2;
-    let interp_phases = (INTERP_PHASES * kernel.s).ceil() as u64;
-    let exact = !force_interp && (up <= interp_phases || (up as u128) * (taps as u128) <= MAX_TABLE as u128);
-
+    let plan = Plan::new(from_hz, to_hz, force_interp);
     let mut out = Vec::with_capacity(out_len);
-    // Output n sits at input time n * down / up = i + p / up; step both exactly.
-    let (step_i, step_p) = ((down / up) as usize, down % up);
     let (mut i, mut p) = (0usize, 0u64);
-    if exact {
-        let table = Table::new(&kernel, up as usize, up as usize);
-        for _ in 0..out_len {
-            out.push(table.apply(x, i, p as usize));
-            i += step_i;
-            p += step_p;
-            if p >= up {
-                p -= up;
-                i += 1;
-            }
-        }
-    } else {
-        let phases = interp_phases as usize;
-        let table = Table::new(&kernel, phases, phases + 1);
-        let scale = phases as f64 / up as f64;
-        for _ in 0..out_len {
-            let pos = p as f64 * scale;
-            let q = (pos as usize).min(phases - 1);
-            let a = (pos - q as f64) as f32;
-            let lo = table.apply(x, i, q);
-            let hi = table.apply(x, i, q + 1);
-            out.push(lo + a * (hi - lo));
-            i += step_i;
-            p += step_p;
-            if p >= up {
-                p -= up;
-                i += 1;
-            }
-        }
+    for _ in 0..out_len {
+        out.push(plan.at(x, i, p));
+        plan.advance(&mut i, &mut p);
     }
     out
+}
+
+/// [`resample`] on a signal that arrives in pieces, with output bit-identical to `resample` on the whole
+/// signal whatever the pieces. Memory: the table, plus the filter's span of input (`2 * reach + 2` samples)
+/// and the latest piece; nothing grows with the signal's length.
+///
+/// An output is computed as soon as every input under its kernel has arrived and the signal is known to be
+/// long enough to have it (`output_len` only grows with the length); the last few, whose kernels reach past
+/// the end, come from [`Resampler::finish`], which knows where the signal ends.
+pub struct Resampler {
+    from_hz: u32,
+    to_hz: u32,
+    /// `None` for equal rates (a copy).
+    plan: Option<Plan>,
+    /// Input samples `buf_start..received`.
+    buf: Vec<f32>,
+    buf_start: usize,
+    received: usize,
+    /// The next output: its index and its input time `i + p / up`.
+    n: usize,
+    i: usize,
+    p: u64,
+}
+
+impl Resampler {
+    /// # Panics
+    /// If either rate is 0 (as [`resample`]).
+    pub fn new(from_hz: u32, to_hz: u32) -> Resampler {
+        Resampler::with_mode(from_hz, to_hz, false)
+    }
+
+    fn with_mode(from_hz: u32, to_hz: u32, force_interp: bool) -> Resampler {
+        assert!(from_hz > 0 && to_hz > 0, "resample: sample rates must be > 0");
+        Resampler {
+            from_hz,
+            to_hz,
+            plan: (from_hz != to_hz).then(|| Plan::new(from_hz, to_hz, force_interp)),
+            buf: Vec::new(),
+            buf_start: 0,
+            received: 0,
+            n: 0,
+            i: 0,
+            p: 0,
+        }
+    }
+
+    /// Input samples taken so far.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Output samples given so far.
+    pub fn produced(&self) -> usize {
+        self.n
+    }
+
+    /// Takes the next piece of input and appends to `out` every output that it completes.
+    pub fn push(&mut self, input: &[f32], out: &mut Vec<f32>) {
+        self.received += input.len();
+        let Some(plan) = &self.plan else {
+            out.extend_from_slice(input);
+            self.n += input.len();
+            return;
+        };
+        self.buf.extend_from_slice(input);
+        let reach = plan.table.reach;
+        let known = output_len(self.received, self.from_hz, self.to_hz);
+        // Output at input time i reads inputs i - reach ..= i + reach + 1.
+        while self.n < known && self.i + reach + 2 <= self.received {
+            // `buf_start <= i - reach` when i >= reach, else 0: `at` trims exactly as on the whole signal.
+            out.push(plan.at(&self.buf, self.i - self.buf_start, self.p));
+            plan.advance(&mut self.i, &mut self.p);
+            self.n += 1;
+        }
+        // Inputs before the next output's kernel are never read again.
+        let keep_from = self.i.saturating_sub(reach).min(self.received);
+        if keep_from > self.buf_start {
+            self.buf.drain(..keep_from - self.buf_start);
+            self.buf_start = keep_from;
+        }
+    }
+
+    /// The signal has ended: appends the remaining outputs (`output_len(received)` in all).
+    pub fn finish(mut self, out: &mut Vec<f32>) {
+        let Some(plan) = &self.plan else { return };
+        let total = output_len(self.received, self.from_hz, self.to_hz);
+        while self.n < total {
+            out.push(plan.at(&self.buf, self.i - self.buf_start, self.p));
+            plan.advance(&mut self.i, &mut self.p);
+            self.n += 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -469,6 +594,88 @@ mod tests {
             );
             assert!(fit.err_vs_analytic < 2e-4);
             assert!(fit.residual_db < -85.0);
+        }
+    }
+
+    /// A tone plus seeded noise, so that every output depends on every tap.
+    fn test_signal(len: usize, rate: u32) -> Vec<f32> {
+        let mut seed = 12345u32;
+        sine(len, rate, 440.0, 0.3)
+            .into_iter()
+            .map(|v| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                0.5 * v + 0.25 * ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+            })
+            .collect()
+    }
+
+    /// `x` through a [`Resampler`] in pieces of `sizes` (cycled); checks the buffer stays bounded.
+    fn streamed(x: &[f32], from: u32, to: u32, force_interp: bool, sizes: &[usize]) -> Vec<f32> {
+        let mut r = Resampler::with_mode(from, to, force_interp);
+        let mut out = Vec::new();
+        let (mut at, mut k) = (0, 0);
+        while at < x.len() {
+            let n = sizes[k % sizes.len()].min(x.len() - at);
+            r.push(&x[at..at + n], &mut out);
+            at += n;
+            k += 1;
+            if let Some(plan) = &r.plan {
+                // The kernel's span, the piece just taken, and one output step's worth of input.
+                let bound = plan.table.taps + n + plan.step_i + 1;
+                assert!(r.buf.len() <= bound, "{from} -> {to}: buffer {} > {bound}", r.buf.len());
+            }
+            assert_eq!(r.received(), at);
+        }
+        r.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn streaming_is_bit_identical_to_the_whole_signal() {
+        let pairs: &[(u32, u32)] = &[
+            (44100, 16000),
+            (48000, 16000),
+            (8000, 16000),
+            (22050, 16000),
+            (11025, 16000),
+            (12345, 16000),
+            (44101, 16000), // interpolated table without forcing
+            (16000, 8000),
+            (16000, 16000),
+            (10_000_000, 16000),
+        ];
+        let chunkings: &[&[usize]] = &[&[1], &[7], &[1000], &[4097], &[3, 1, 250, 17, 9999], &[usize::MAX]];
+        for &(from, to) in pairs {
+            let len = (from as usize / 10).min(300_000); // 0.1 s; 30 ms at 10 MHz
+            let x = test_signal(len, from);
+            for force_interp in [false, true] {
+                let whole = resample_impl(&x, from, to, force_interp);
+                for sizes in chunkings {
+                    if from >= 1_000_000 && sizes[0] == 1 {
+                        continue; // a million single-sample pushes prove nothing more
+                    }
+                    let got = streamed(&x, from, to, force_interp, sizes);
+                    assert_eq!(got.len(), whole.len(), "{from} -> {to} in {sizes:?}");
+                    let same = got.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{from} -> {to} (interp {force_interp}) in {sizes:?}: not bit-identical"
+                    );
+                }
+            }
+            // Short signals, where the kernel overhangs both ends at once.
+            for len in [0, 1, 2, 3, 7, 20, 39] {
+                let x = test_signal(len, from);
+                let want = resample(&x, from, to);
+                for sizes in [&[1usize][..], &[usize::MAX]] {
+                    let got = streamed(&x, from, to, false, sizes);
+                    assert_eq!(
+                        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{len} samples {from} -> {to} in {sizes:?}"
+                    );
+                }
+            }
         }
     }
 

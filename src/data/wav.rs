@@ -5,12 +5,19 @@
 //! taken as is. Channels are averaged to mono in f64, then rounded to f32 once. Anything else
 //! (A-law, mu-law, ADPCM, 64-bit float, odd bit depths, 0 Hz, 0 channels, no samples, NaN or
 //! infinite floats, a data chunk cut short) is an error naming the file and the problem.
+//!
+//! Whole or in pieces: [`read_wav`] and [`load_16k`] return the whole file; [`WavStream`] (native rate)
+//! and [`open_16k`] (16 kHz) give the same samples, bit for bit, in pieces of any size, in memory that
+//! does not grow with the file (for long recordings).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+
+use super::resample::{output_len, Resampler};
 
 /// Mono audio at its native rate.
 #[derive(Clone, Debug, PartialEq)]
@@ -24,94 +31,13 @@ pub const TARGET_RATE: u32 = 16000;
 
 /// Reads a WAV file as mono f32 (see the module docs for the conversions and the errors).
 pub fn read_wav(path: &Path) -> Result<Audio> {
-    let shown = path.display();
-    let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
-    let file_len = file.metadata().with_context(|| format!("{shown}: cannot stat"))?.len();
-    if file_len == 0 {
-        bail!("{shown}: empty file (0 bytes), not a WAV file");
-    }
-    let mut reader = match hound::WavReader::new(BufReader::new(file)) {
-        Ok(r) => r,
-        Err(e) => {
-            let why = diagnose_header(path).unwrap_or_else(|| format!("invalid WAV header ({e})"));
-            bail!("{shown}: {why}");
-        }
-    };
-    let spec = reader.spec();
-    let channels = spec.channels as usize;
-    if spec.sample_rate == 0 {
-        bail!("{shown}: sample rate is 0 Hz");
-    }
-    if channels == 0 {
-        bail!("{shown}: 0 channels");
-    }
-    match (spec.sample_format, spec.bits_per_sample) {
-        (hound::SampleFormat::Int, 8 | 16 | 24 | 32) | (hound::SampleFormat::Float, 32) => {}
-        (hound::SampleFormat::Int, bits) => {
-            bail!("{shown}: unsupported encoding: {bits}-bit integer PCM (only 8/16/24/32)")
-        }
-        (hound::SampleFormat::Float, bits) => {
-            bail!("{shown}: unsupported encoding: {bits}-bit float (only 32-bit)")
-        }
-    }
-    let total = reader.len() as usize;
-    if total == 0 {
-        bail!("{shown}: contains no audio samples (empty data chunk)");
-    }
+    let mut stream = WavStream::open(path)?;
     // A lying header cannot make us allocate more than the file could hold.
-    let frames = total / channels;
-    let mut samples = Vec::with_capacity(frames.min(file_len as usize));
-
-    let truncated = |held: usize| {
-        anyhow!(
-            "{shown}: truncated: header says {total} samples ({frames} frames x {channels} \
-             channels), file holds {held}"
-        )
-    };
-    let inv_ch = 1.0 / channels as f64;
-    let mut acc = 0f64;
-    match spec.sample_format {
-        hound::SampleFormat::Int => {
-            let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f64;
-            for (idx, s) in reader.samples::<i32>().enumerate() {
-                let v = match s {
-                    Ok(v) => v,
-                    Err(hound::Error::IoError(e)) if is_eof(&e) => return Err(truncated(idx)),
-                    Err(e) => bail!("{shown}: cannot decode sample {idx}: {e}"),
-                };
-                acc += v as f64 * scale;
-                if (idx + 1) % channels == 0 {
-                    samples.push((acc * inv_ch) as f32);
-                    acc = 0.0;
-                }
-            }
-        }
-        hound::SampleFormat::Float => {
-            for (idx, s) in reader.samples::<f32>().enumerate() {
-                let v = match s {
-                    Ok(v) => v,
-                    Err(hound::Error::IoError(e)) if is_eof(&e) => return Err(truncated(idx)),
-                    Err(e) => bail!("{shown}: cannot decode sample {idx}: {e}"),
-                };
-                if !v.is_finite() {
-                    bail!(
-                        "{shown}: sample {idx} (frame {}, channel {}) is {v}; float WAVs must \
-                         hold finite values",
-                        idx / channels,
-                        idx % channels
-                    );
-                }
-                acc += v as f64;
-                if (idx + 1) % channels == 0 {
-                    samples.push((acc * inv_ch) as f32);
-                    acc = 0.0;
-                }
-            }
-        }
-    }
+    let mut samples = Vec::with_capacity(stream.frames().min(stream.file_len as usize));
+    while stream.read_frames(&mut samples, usize::MAX)? > 0 {}
     Ok(Audio {
         samples,
-        sample_rate: spec.sample_rate,
+        sample_rate: stream.sample_rate(),
     })
 }
 
@@ -126,6 +52,290 @@ pub fn load_16k(path: &Path) -> Result<Vec<f32>> {
         audio.sample_rate,
         TARGET_RATE,
     ))
+}
+
+/// A WAV file read piece by piece as mono f32 at its own rate: the same header checks, conversions and errors
+/// as [`read_wav`] (which is built on it), in memory that does not grow with the file. A data chunk cut short
+/// or a bad sample is reported when the reading reaches it.
+pub struct WavStream {
+    reader: hound::WavReader<BufReader<File>>,
+    path: PathBuf,
+    file_len: u64,
+    sample_rate: u32,
+    float: bool,
+    channels: usize,
+    /// Interleaved samples in the data chunk, as the header says, and how many were read.
+    total: usize,
+    read: usize,
+    /// `1 / 2^(bits - 1)` for integers.
+    scale: f64,
+    /// A failed stream repeats its error rather than carrying on after it.
+    failed: Option<String>,
+}
+
+impl WavStream {
+    /// Opens and validates the header (format, rate, channels, a non-empty data chunk).
+    pub fn open(path: &Path) -> Result<WavStream> {
+        let shown = path.display();
+        let file = File::open(path).with_context(|| format!("{shown}: cannot open"))?;
+        let file_len = file.metadata().with_context(|| format!("{shown}: cannot stat"))?.len();
+        if file_len == 0 {
+            bail!("{shown}: empty file (0 bytes), not a WAV file");
+        }
+        let reader = match hound::WavReader::new(BufReader::new(file)) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = diagnose_header(path).unwrap_or_else(|| format!("invalid WAV header ({e})"));
+                bail!("{shown}: {why}");
+            }
+        };
+        let spec = reader.spec();
+        let channels = spec.channels as usize;
+        if spec.sample_rate == 0 {
+            bail!("{shown}: sample rate is 0 Hz");
+        }
+        if channels == 0 {
+            bail!("{shown}: 0 channels");
+        }
+        match (spec.sample_format, spec.bits_per_sample) {
+            (hound::SampleFormat::Int, 8 | 16 | 24 | 32) | (hound::SampleFormat::Float, 32) => {}
+            (hound::SampleFormat::Int, bits) => {
+                bail!("{shown}: unsupported encoding: {bits}-bit integer PCM (only 8/16/24/32)")
+            }
+            (hound::SampleFormat::Float, bits) => {
+                bail!("{shown}: unsupported encoding: {bits}-bit float (only 32-bit)")
+            }
+        }
+        let total = reader.len() as usize;
+        if total == 0 {
+            bail!("{shown}: contains no audio samples (empty data chunk)");
+        }
+        Ok(WavStream {
+            reader,
+            path: path.to_path_buf(),
+            file_len,
+            sample_rate: spec.sample_rate,
+            float: spec.sample_format == hound::SampleFormat::Float,
+            channels,
+            total,
+            read: 0,
+            scale: 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f64,
+            failed: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn sample_rate(&self) -> u32 {
+        self.sample_rate
+    }
+
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Mono frames the header promises.
+    pub fn frames(&self) -> usize {
+        self.total / self.channels
+    }
+
+    /// Frames read so far.
+    pub fn frames_read(&self) -> usize {
+        self.read / self.channels
+    }
+
+    /// Appends up to `n` mono frames to `out` and returns how many: 0 once the data chunk is exhausted. On an
+    /// error (a data chunk cut short, a non-finite float), `out` holds the frames decoded before it, and every
+    /// later call repeats the error.
+    pub fn read_frames(&mut self, out: &mut Vec<f32>, n: usize) -> Result<usize> {
+        if let Some(e) = &self.failed {
+            bail!("{e}");
+        }
+        let result = self.decode(out, n);
+        if let Err(e) = &result {
+            self.failed = Some(format!("{e:#}"));
+        }
+        result
+    }
+
+    fn decode(&mut self, out: &mut Vec<f32>, n: usize) -> Result<usize> {
+        let ch = self.channels;
+        let frames = (self.frames() - self.frames_read()).min(n);
+        // Whole frames only: hound refuses a data chunk that does not hold whole frames.
+        let count = frames * ch;
+        if count == 0 {
+            return Ok(0);
+        }
+        out.reserve(frames);
+        let (shown, total, first) = (self.path.display(), self.total, self.read);
+        let truncated = |held: usize| {
+            anyhow!(
+                "{shown}: truncated: header says {total} samples ({} frames x {ch} channels), file holds {held}",
+                total / ch
+            )
+        };
+        let inv_ch = 1.0 / ch as f64;
+        let mut acc = 0f64;
+        if self.float {
+            for (k, s) in self.reader.samples::<f32>().take(count).enumerate() {
+                let idx = first + k;
+                let v = match s {
+                    Ok(v) => v,
+                    Err(hound::Error::IoError(e)) if is_eof(&e) => return Err(truncated(idx)),
+                    Err(e) => bail!("{shown}: cannot decode sample {idx}: {e}"),
+                };
+                if !v.is_finite() {
+                    bail!(
+                        "{shown}: sample {idx} (frame {}, channel {}) is {v}; float WAVs must hold finite values",
+                        idx / ch,
+                        idx % ch
+                    );
+                }
+                acc += v as f64;
+                if (idx + 1) % ch == 0 {
+                    out.push((acc * inv_ch) as f32);
+                    acc = 0.0;
+                }
+            }
+        } else {
+            let scale = self.scale;
+            for (k, s) in self.reader.samples::<i32>().take(count).enumerate() {
+                let idx = first + k;
+                let v = match s {
+                    Ok(v) => v,
+                    Err(hound::Error::IoError(e)) if is_eof(&e) => return Err(truncated(idx)),
+                    Err(e) => bail!("{shown}: cannot decode sample {idx}: {e}"),
+                };
+                acc += v as f64 * scale;
+                if (idx + 1) % ch == 0 {
+                    out.push((acc * inv_ch) as f32);
+                    acc = 0.0;
+                }
+            }
+        }
+        self.read += count;
+        Ok(frames)
+    }
+}
+
+/// A WAV file read piece by piece as 16 kHz mono f32: [`WavStream`] through a [`Resampler`], so the samples
+/// are bit-identical to [`load_16k`]'s whatever the pieces, and memory is about one requested piece plus the
+/// resampler's filter and table, however long the file.
+pub struct Stream16k {
+    wav: WavStream,
+    /// `None` at 16 kHz (no resampling) and after the end.
+    resampler: Option<Resampler>,
+    native: Vec<f32>,
+    /// Resampled samples not yet handed out.
+    pending: VecDeque<f32>,
+    /// The file is read to its end and the resampler finished (only `pending` is left).
+    ended: bool,
+    /// A read error met inside a block: returned once `pending` cannot fill a request.
+    deferred: Option<anyhow::Error>,
+    given: usize,
+}
+
+/// Frames decoded per step at the native rate (bounds the memory of very high rates).
+const NATIVE_BLOCK: usize = 1 << 16;
+
+/// Opens `path` for reading as 16 kHz mono in pieces (see [`Stream16k`]).
+pub fn open_16k(path: &Path) -> Result<Stream16k> {
+    let wav = WavStream::open(path)?;
+    let rate = wav.sample_rate();
+    Ok(Stream16k {
+        resampler: (rate != TARGET_RATE).then(|| Resampler::new(rate, TARGET_RATE)),
+        wav,
+        native: Vec::new(),
+        pending: VecDeque::new(),
+        ended: false,
+        deferred: None,
+        given: 0,
+    })
+}
+
+impl Stream16k {
+    pub fn path(&self) -> &Path {
+        self.wav.path()
+    }
+
+    /// The file's own rate.
+    pub fn native_rate(&self) -> u32 {
+        self.wav.sample_rate()
+    }
+
+    pub fn channels(&self) -> usize {
+        self.wav.channels()
+    }
+
+    /// 16 kHz samples the whole file gives, from its header (exact unless the data chunk is cut short, which
+    /// reading reports as an error).
+    pub fn len(&self) -> usize {
+        output_len(self.wav.frames(), self.wav.sample_rate(), TARGET_RATE)
+    }
+
+    /// Never true: an empty data chunk is refused when opening.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// 16 kHz samples handed out so far.
+    pub fn position(&self) -> usize {
+        self.given
+    }
+
+    /// Appends up to `n` samples to `out` and returns how many: fewer than `n` only at the end (then 0). A
+    /// read error (a data chunk cut short, a NaN) is returned by the first request that reaches it, after
+    /// every whole request before it; `out` is then left as it was.
+    pub fn read(&mut self, out: &mut Vec<f32>, n: usize) -> Result<usize> {
+        if self.resampler.is_none() && !self.ended {
+            // 16 kHz: straight from the file.
+            let before = out.len();
+            match self.wav.read_frames(out, n) {
+                Ok(got) => {
+                    self.given += got;
+                    return Ok(got);
+                }
+                Err(e) => {
+                    out.truncate(before);
+                    return Err(e);
+                }
+            }
+        }
+        let mut staged = Vec::new();
+        while self.pending.len() < n && !self.ended && self.deferred.is_none() {
+            self.native.clear();
+            let read = self.wav.read_frames(&mut self.native, NATIVE_BLOCK);
+            let mut r = self.resampler.take().expect("resampling until the end");
+            match read {
+                Ok(0) => {
+                    r.finish(&mut staged);
+                    self.ended = true;
+                }
+                Ok(_) => {
+                    r.push(&self.native, &mut staged);
+                    self.resampler = Some(r);
+                }
+                Err(e) => {
+                    // What was decoded before the error still counts.
+                    r.push(&self.native, &mut staged);
+                    self.resampler = Some(r);
+                    self.deferred = Some(e);
+                }
+            }
+            self.pending.extend(staged.drain(..));
+        }
+        if self.pending.len() < n {
+            if let Some(e) = &self.deferred {
+                return Err(anyhow!("{e:#}"));
+            }
+        }
+        let k = n.min(self.pending.len());
+        out.extend(self.pending.drain(..k));
+        self.given += k;
+        Ok(k)
+    }
 }
 
 /// Zero-mean unit-variance normalisation as transformers' `Wav2Vec2FeatureExtractor`
@@ -548,6 +758,172 @@ mod tests {
         let y = load_16k(&p).unwrap();
         assert_eq!(y, crate::data::resample::resample(&x, 8000, 16000));
         assert_eq!(y.len(), 3200);
+    }
+
+    /// Interleaved test values for `bits`-bit integers (the extremes included) or floats.
+    fn values(n: usize, bits: u16, float: bool) -> Vec<f64> {
+        let mut seed = 7u32 + bits as u32;
+        (0..n)
+            .map(|k| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let u = (seed >> 8) as f64 / (1u32 << 24) as f64; // [0, 1)
+                let v = 0.6 * (k as f64 * 0.05).sin() + 0.4 * (2.0 * u - 1.0);
+                match (k % 97, float) {
+                    (0, false) => -1.0,
+                    (1, false) => 1.0 - 1.0 / (1u64 << (bits - 1)) as f64,
+                    _ => v,
+                }
+            })
+            .collect()
+    }
+
+    /// Writes `frames` frames of `channels` channels in the given encoding.
+    fn write_encoded(path: &Path, channels: u16, rate: u32, bits: u16, float: bool, frames: usize) {
+        let mut w = hound::WavWriter::create(path, spec(channels, rate, bits, float)).unwrap();
+        for v in values(frames * channels as usize, bits, float) {
+            if float {
+                w.write_sample(v as f32).unwrap();
+            } else {
+                let scale = (1u64 << (bits - 1)) as f64;
+                let q = (v * scale).round().clamp(-scale, scale - 1.0) as i32;
+                w.write_sample(q).unwrap();
+            }
+        }
+        w.finalize().unwrap();
+    }
+
+    fn bits_of(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Reads the whole stream in pieces of `sizes` (cycled).
+    fn read_stream(path: &Path, sizes: &[usize]) -> Vec<f32> {
+        let mut s = open_16k(path).unwrap();
+        let want_len = s.len();
+        let mut out = Vec::new();
+        for k in 0.. {
+            let n = sizes[k % sizes.len()];
+            let before = out.len();
+            let got = s.read(&mut out, n).unwrap();
+            assert_eq!(got, out.len() - before);
+            assert_eq!(s.position(), out.len());
+            if got < n {
+                // Fewer than asked only at the end, and then nothing more.
+                assert_eq!(s.read(&mut out, n).unwrap(), 0);
+                break;
+            }
+        }
+        assert_eq!(out.len(), want_len, "len() promised {want_len}");
+        out
+    }
+
+    #[test]
+    fn streams_are_bit_identical_to_whole_file_reading() {
+        let dir = TempDir::new("stream");
+        let encodings = [(8u16, false), (16, false), (24, false), (32, false), (32, true)];
+        let mut cases = Vec::new();
+        for &(bits, float) in &encodings {
+            for channels in [1u16, 2, 8] {
+                for rate in [16000u32, 44100, 48000, 8000, 22050] {
+                    cases.push((bits, float, channels, rate, rate as usize / 20 + 3));
+                }
+            }
+        }
+        // 10 MHz: 30 ms, mono and stereo.
+        cases.push((16, false, 1, 10_000_000, 300_001));
+        cases.push((32, true, 2, 10_000_000, 100_000));
+        // An odd rate (interpolated resampling table), three channels.
+        cases.push((24, false, 3, 44101, 2000));
+        for (bits, float, channels, rate, frames) in cases {
+            let what = format!(
+                "{bits}-bit {} x{channels} @ {rate}",
+                if float { "float" } else { "int" }
+            );
+            let path = dir.path("x.wav");
+            write_encoded(&path, channels, rate, bits, float, frames);
+            // The native-rate stream, in pieces, is read_wav.
+            let whole = read_wav(&path).unwrap();
+            assert_eq!(whole.samples.len(), frames, "{what}");
+            for sizes in [&[1usize][..], &[7, 4097, 2]] {
+                let mut st = WavStream::open(&path).unwrap();
+                assert_eq!(
+                    (st.frames(), st.channels(), st.sample_rate()),
+                    (frames, channels as usize, rate)
+                );
+                let mut got = Vec::new();
+                let mut k = 0;
+                while st.read_frames(&mut got, sizes[k % sizes.len()]).unwrap() > 0 {
+                    k += 1;
+                    if frames > 100_000 && k > 1000 {
+                        // Enough single frames; the rest in one go.
+                        while st.read_frames(&mut got, usize::MAX).unwrap() > 0 {}
+                        break;
+                    }
+                }
+                assert_eq!(bits_of(&got), bits_of(&whole.samples), "{what} native in {sizes:?}");
+            }
+            // The 16 kHz stream, in pieces, is load_16k.
+            let want = bits_of(&load_16k(&path).unwrap());
+            for sizes in [&[1usize][..], &[3, 1000, 17, 65537], &[usize::MAX]] {
+                if frames > 100_000 && sizes[0] == 1 {
+                    continue;
+                }
+                assert_eq!(
+                    bits_of(&read_stream(&path, sizes)),
+                    want,
+                    "{what} at 16 kHz in {sizes:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_partial_trailing_frame_is_refused() {
+        // Stereo 16-bit with 5 samples: hound refuses a data chunk that is not whole frames, so every frame
+        // the stream counts is whole.
+        let dir = TempDir::new("partial");
+        let path = dir.path("p.wav");
+        std::fs::write(&path, raw_wav(1, 2, 8000, 16, &[0, 4, 0, 8, 0, 12, 0, 16, 0, 20])).unwrap();
+        let err = format!("{:#}", WavStream::open(&path).err().unwrap());
+        assert!(err.contains("p.wav") && err.contains("data chunk length"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_stream_fails_where_the_data_ends() {
+        let dir = TempDir::new("stream-cut");
+        for rate in [16000u32, 44100] {
+            let path = dir.path("cut.wav");
+            write_encoded(&path, 2, rate, 16, false, 10_000);
+            // Keep 5000.5 of the 20000 samples: the header still promises all of them.
+            let bytes = std::fs::read(&path).unwrap();
+            std::fs::write(&path, &bytes[..44 + 2 * 5000 + 1]).unwrap();
+            let mut s = open_16k(&path).unwrap();
+            assert_eq!(s.len(), output_len(10_000, rate, TARGET_RATE));
+            let mut out = Vec::new();
+            let err = loop {
+                match s.read(&mut out, 300) {
+                    Ok(n) => assert_eq!(n, 300, "a short read before the error"),
+                    Err(e) => break format!("{e:#}"),
+                }
+            };
+            eprintln!("{rate} Hz: {err} after {} samples", out.len());
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(
+                err.contains("truncated: header says 20000 samples (10000 frames x 2 channels), file holds 5000"),
+                "{err}"
+            );
+            // Everything before the cut (2500 frames) came through first, give or take the filter's reach.
+            assert!(
+                out.len() >= output_len(2500, rate, TARGET_RATE) - 300 - 200,
+                "{}",
+                out.len()
+            );
+            // The error repeats; the stream does not carry on past it.
+            let held = out.len();
+            assert!(format!("{:#}", s.read(&mut out, 1 << 20).unwrap_err()).contains("file holds 5000"));
+            assert_eq!(out.len(), held, "a failed read leaves `out` alone");
+            assert!(format!("{:#}", read_wav(&path).unwrap_err()).contains("file holds 5000"));
+        }
     }
 
     #[test]

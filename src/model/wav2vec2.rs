@@ -369,10 +369,13 @@ impl Wav2Vec2 {
         if samples > max {
             let max_bytes = self.gpu.max_binding_bytes();
             bail!(
-                "audio of {samples} samples ({:.1} min at 16 kHz, {frames} frames) is longer than this GPU can \
-                 take in one piece: at most {max} samples ({:.1} min), set by its largest storage binding of {} \
-                 bytes ({:.0} MiB); split the file",
+                "audio of {samples} samples ({:.1} s = {:.1} min at 16 kHz, {frames} frames) is longer than this \
+                 GPU can take in one piece: at most {max} samples ({:.1} s = {:.1} min), set by its largest storage \
+                 binding of {} bytes ({:.0} MiB); split the file into shorter pieces (`infer` classifies a long \
+                 recording segment by segment)",
+                samples as f64 / 16000.0,
                 samples as f64 / 16000.0 / 60.0,
+                max as f64 / 16000.0,
                 max as f64 / 16000.0 / 60.0,
                 max_bytes,
                 max_bytes as f64 / 1048576.0
