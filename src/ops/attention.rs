@@ -8,6 +8,12 @@
 //! heads: 432 MB), so heads, and if needed query rows, are processed in groups whose scores fit
 //! `gpu.max_binding_bytes()`; one score buffer is reused by every group.
 //!
+//! Inference: [`self_attention_inference`] (what the no-grad tape, so the teacher forward, calls) takes the
+//! fused kernel [`self_attention_fused`] where the adapter has subgroups of 8 and the head dim is 64: one
+//! kernel with an online softmax and no score buffer, 1.9-5x faster than the unfused path on lavapipe at
+//! T = 49..499 (benches/RESULTS.md, "lavapipe attention, session 3"), and its memory does not grow with T^2.
+//! `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps the unfused path (for comparisons).
+//!
 //! Training: [`self_attention_train`] also returns an [`AttentionSaved`] for [`self_attention_backward`].
 //! With `P = softmax(S)` and `P' = dropout(P)` per head:
 //! `dV = P'^T dO`, `dP' = dO V^T`, `dP = dropout_backward(dP')`, `dS = P * (dP - rowsum(dP * P))`,
@@ -983,11 +989,20 @@ mod tests {
     fn fused_bad_inputs_give_clear_errors() {
         let gpu = test_gpu();
         let c = case(1300, 1, 5, 12);
-        let err = self_attention_fused(&c.tq, &c.tk, &c.tv, 3, None).unwrap_err().to_string();
-        let want = if gpu.subgroups_of_8() { "head dimension of 64" } else { "subgroups" };
+        let err = self_attention_fused(&c.tq, &c.tk, &c.tv, 3, None)
+            .unwrap_err()
+            .to_string();
+        let want = if gpu.subgroups_of_8() {
+            "head dimension of 64"
+        } else {
+            "subgroups"
+        };
         assert!(err.contains(want), "{err}");
         // The inference entry point falls back to the unfused path where the fused one cannot run.
-        let y = self_attention_inference(&c.tq, &c.tk, &c.tv, 3, None).unwrap().to_vec().unwrap();
+        let y = self_attention_inference(&c.tq, &c.tk, &c.tv, 3, None)
+            .unwrap()
+            .to_vec()
+            .unwrap();
         let want = self_attention(&c.tq, &c.tk, &c.tv, 3, None).unwrap().to_vec().unwrap();
         assert!(y == want);
     }

@@ -209,8 +209,8 @@ pub fn choose_kernel(a: View, b: View, dims: MatDims) -> Kernel {
 /// Narrowest C (columns) for the 256-column subgroup workgroup ([`SgTile::WIDE`]); narrower products take
 /// one subgroup per workgroup ([`SgTile::ONE`], 8 x 32), which leaves fewer lanes idle past the last
 /// column. Measured on lavapipe (benches/RESULTS.md, "lavapipe attention, session 3"): the attention
-/// products with n = 64 or T = 49..149 ran 1.7-2.7x faster with ONE than with the 4 x 4 kernels or WIDE;
-/// at n = 499 the two shapes tie; the linear layers (n >= 768) keep WIDE.
+/// products with n = 64 or T = 49..149 ran 1.3-2.4x faster with ONE than with the kernels chosen before (the
+/// 4 x 4 ones for n < 128, WIDE above); at n = 499 ONE and WIDE tie; the linear layers (n >= 768) keep WIDE.
 const SG_WIDE_MIN_N: usize = 256;
 
 /// [`choose_kernel`], then the subgroup variant of a vec4 kernel where the adapter has subgroups of 8, with
@@ -1097,15 +1097,29 @@ mod tests {
             row_stride: 768,
             col_stride: 1,
         };
-        let d = |n, k| MatDims { batch: 12, m: 149, n, k };
+        let d = |n, k| MatDims {
+            batch: 12,
+            m: 149,
+            n,
+            k,
+        };
         // Q K^T (n = T) and P V (n = 64) of 12 heads, and a linear layer 768 -> 3072.
         let qk = choose_kernel_for(gpu, head, head.t(), d(149, 64));
         let pv = choose_kernel_for(gpu, View::row_major(149, 149), head, d(64, 149));
-        let lin = choose_kernel_for(gpu, View::row_major(149, 768), View::transposed(768, 3072), d(3072, 768));
+        let lin = choose_kernel_for(
+            gpu,
+            View::row_major(149, 768),
+            View::transposed(768, 3072),
+            d(3072, 768),
+        );
         if gpu.subgroups_of_8() {
             assert_eq!(
                 (qk, pv, lin),
-                (Kernel::SgNt4(SgTile::ONE), Kernel::SgNn4(SgTile::ONE), Kernel::SgNt4(SgTile::WIDE))
+                (
+                    Kernel::SgNt4(SgTile::ONE),
+                    Kernel::SgNn4(SgTile::ONE),
+                    Kernel::SgNt4(SgTile::WIDE)
+                )
             );
         } else {
             assert_eq!((qk, pv, lin), (Kernel::Nt4, Kernel::Nn4, Kernel::Nt4));
@@ -1702,8 +1716,10 @@ mod tests {
                 rm(298, 768),
             ),
         ];
-        let mut cases: Vec<(String, MatDims, View, View)> =
-            cases.into_iter().map(|(name, d, a, b)| (name.to_string(), d, a, b)).collect();
+        let mut cases: Vec<(String, MatDims, View, View)> = cases
+            .into_iter()
+            .map(|(name, d, a, b)| (name.to_string(), d, a, b))
+            .collect();
         for t in [49, 149, 499] {
             cases.push((format!("QK^T 12x{t}x{t}x64"), d(12, t, t, 64), head, head.t()));
             cases.push((format!("PV 12x{t}x64x{t}"), d(12, t, 64, t), rm(t, t), head));
