@@ -9,15 +9,17 @@
 // lanes of a subgroup share 8 rows of C: lane l loads row l's A values only, and subgroupBroadcast (a
 // register shuffle) hands them to the other lanes. Each lane owns 4 columns; per 4 k steps it makes 5
 // vec4 loads for 128 fused multiply-adds (the 4 x 4 kernel: 8 loads for 64).
-// A workgroup is 8 subgroups side by side: 8 rows x 256 columns of C. Row tiles vary fastest, so the
+// A subgroup covers 8 rows x 32 columns of C; a workgroup is SG_WR x SG_WC subgroups (pipeline constants):
+// 1 x 8 (8 rows x 256 columns) for wide products, narrower shapes for the attention products (n = 64 or
+// T), whose columns would leave most of a 256-wide workgroup idle. Row tiles vary fastest, so the
 // workgroups that run together read the same B columns while they are in cache.
 // Nothing returns early and every load index is clamped: the broadcasts need all 8 lanes.
 
 const FLAG_BIAS: u32 = 1u;
 const FLAG_GELU: u32 = 2u;
 const FLAG_ACCUMULATE: u32 = 4u;
-const SG_ROWS: u32 = 8u;    // rows of C per workgroup (one per lane of a subgroup)
-const SG_COLS: u32 = 256u;  // columns of C per workgroup (4 per invocation)
+override SG_WR: u32 = 1u;   // subgroups per workgroup down the rows of C
+override SG_WC: u32 = 8u;   // subgroups per workgroup across the columns of C
 
 struct MatParams {
     batch: u32,
@@ -79,15 +81,19 @@ fn fma4(acc: vec4<f32>, x: vec4<f32>, yt: mat4x4<f32>) -> vec4<f32> {
 }
 
 // (batch, first row of the subgroup, first column of this invocation); batch == mp.batch past the grid.
+// Subgroup s = li / 8 of the workgroup sits at (s / SG_WC, s % SG_WC) in its SG_WR x SG_WC grid.
 fn sg_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
     let wid = wg.x + wg.y * nwg.x;
     let per_batch = mp.tiles_m * mp.tiles_n;
     let bt = min(wid / per_batch, mp.batch);
     let r = wid % per_batch;
-    return vec3<u32>(bt, (r % mp.tiles_m) * SG_ROWS, (r / mp.tiles_m) * SG_COLS + li * 4u);
+    let s = li / 8u;
+    let row = (r % mp.tiles_m) * (8u * SG_WR) + (s / SG_WC) * 8u;
+    let col = (r / mp.tiles_m) * (32u * SG_WC) + (s % SG_WC) * 32u + (li % 8u) * 4u;
+    return vec3<u32>(bt, row, col);
 }
 // A and B contiguous along k (x W^T with W [n, k]; Q K^T); needs k % 4 == 0 and 16-byte alignment.
-@compute @workgroup_size(64)
+@compute @workgroup_size(SG_WR * SG_WC * 8u)
 fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) li: u32,
                          @builtin(subgroup_invocation_id) lane: u32) {
@@ -135,7 +141,7 @@ fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
 
 // B contiguous along n (row-major [k, n]); needs n % 4 == 0 and 16-byte alignment. A is read with scalar
 // strided loads, four k steps per load round so each lane's 4 loads are broadcast together.
-@compute @workgroup_size(64)
+@compute @workgroup_size(SG_WR * SG_WC * 8u)
 fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                          @builtin(local_invocation_index) li: u32,
                          @builtin(subgroup_invocation_id) lane: u32) {

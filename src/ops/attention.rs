@@ -8,6 +8,12 @@
 //! heads: 432 MB), so heads, and if needed query rows, are processed in groups whose scores fit
 //! `gpu.max_binding_bytes()`; one score buffer is reused by every group.
 //!
+//! Inference: [`self_attention_inference`] (what the no-grad tape, so the teacher forward, calls) takes the
+//! fused kernel [`self_attention_fused`] where the adapter has subgroups of 8 and the head dim is 64: one
+//! kernel with an online softmax and no score buffer, 1.9-5x faster than the unfused path on lavapipe at
+//! T = 49..499 (benches/RESULTS.md, "lavapipe attention, session 3"), and its memory does not grow with T^2.
+//! `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps the unfused path (for comparisons).
+//!
 //! Training: [`self_attention_train`] also returns an [`AttentionSaved`] for [`self_attention_backward`].
 //! With `P = softmax(S)` and `P' = dropout(P)` per head:
 //! `dV = P'^T dO`, `dP' = dO V^T`, `dP = dropout_backward(dP')`, `dS = P * (dP - rowsum(dP * P))`,
@@ -29,7 +35,14 @@ use anyhow::{bail, Result};
 use super::dropout::{dropout_inplace_at, dropout_into_at, DropoutMask};
 use super::matmul::{matmul_accumulate_into, matmul_into, MatDims, View};
 use super::softmax::{softmax_backward_at, softmax_rows_at, MaskRef};
-use crate::gpu::{DType, Tensor};
+use crate::gpu::{DType, Gpu, Shader, Tensor};
+
+/// The fused inference kernel (needs subgroups of exactly 8 invocations; see [`self_attention_fused`]).
+static SG_SHADER: Shader = crate::shader!("attention_sg");
+/// The head dimension the fused kernel is written for (wav2vec2 base and large: 768 / 12, 1024 / 16).
+pub const FUSED_HEAD_DIM: usize = 64;
+/// Query rows per workgroup of the fused kernel (one per lane of a subgroup), as in the shader.
+const FUSED_ROWS: usize = 8;
 
 /// Default limit on the probabilities one [`self_attention_train`] call keeps for its backward.
 pub const DEFAULT_MAX_SAVED_BYTES: u64 = 256 << 20;
@@ -39,6 +52,93 @@ pub const DEFAULT_MAX_SAVED_BYTES: u64 = 256 << 20;
 pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
     let budget = q.gpu().max_binding_bytes();
     self_attention_chunked(q, k, v, heads, key_mask, budget)
+}
+
+/// True when [`self_attention_fused`] can run `heads` heads over a model dimension `d` on this adapter:
+/// subgroups of exactly 8 invocations and a head dimension of [`FUSED_HEAD_DIM`].
+pub fn fused_attention_supported(gpu: &Gpu, d: usize, heads: usize) -> bool {
+    gpu.subgroups_of_8() && heads > 0 && d == heads * FUSED_HEAD_DIM
+}
+
+/// Whether [`self_attention_inference`] may take the fused kernel: unset `WGPU_MLKD_NO_FUSED_ATTENTION`
+/// (any value turns it off, for A/B comparisons; read once per process).
+fn fused_attention_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("WGPU_MLKD_NO_FUSED_ATTENTION").is_none())
+}
+
+/// Self-attention for inference (no gradient): [`self_attention_fused`] where it is supported and
+/// enabled, else [`self_attention`]. Same result to rounding (see [`self_attention_fused`]); not
+/// bit-identical to the training forward, so training never uses it.
+pub fn self_attention_inference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let d = q.shape().last().copied().unwrap_or(0);
+    if fused_attention_enabled() && fused_attention_supported(q.gpu(), d, heads) {
+        self_attention_fused(q, k, v, heads, key_mask)
+    } else {
+        self_attention(q, k, v, heads, key_mask)
+    }
+}
+
+/// [`self_attention`] in one kernel (`shaders/attention_sg.wgsl`): an online softmax over blocks of 8 keys
+/// per 8 query rows, with no `[T, T]` score buffer, so its memory is only q, k, v and the output at any T.
+/// Needs [`fused_attention_supported`] (else an error). The scores are bit-identical to the unfused
+/// path's, but the softmax is normalised at the end and rescaled as the running max grows, so the output
+/// differs from [`self_attention`]'s by rounding (a few ulp of the largest output; tested to `Tol::KERNEL`).
+pub fn self_attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let what = "fused attention";
+    let (b, t, d) = check_inputs(what, q, k, v, heads, key_mask)?;
+    let gpu = q.gpu();
+    if !gpu.subgroups_of_8() {
+        bail!("{what}: needs an adapter with subgroups of exactly 8 invocations");
+    }
+    if d != heads * FUSED_HEAD_DIM {
+        bail!("{what}: needs a head dimension of {FUSED_HEAD_DIM}, got D = {d} over {heads} heads");
+    }
+    let out = Tensor::empty(gpu, &[b, t, d], DType::F32)?;
+    if b == 0 || t == 0 {
+        return Ok(out);
+    }
+    if (b * t * d) as u128 > u32::MAX as u128 {
+        bail!("{what}: [B, T, D] = [{b}, {t}, {d}] is beyond 32-bit indexing");
+    }
+    let blocks = t.div_ceil(FUSED_ROWS);
+    let groups = b as u128 * heads as u128 * blocks as u128;
+    if groups > u32::MAX as u128 {
+        bail!("{what}: {groups} workgroups is too many for one dispatch");
+    }
+    let scaling = (FUSED_HEAD_DIM as f64).powf(-0.5) as f32;
+    // Without a mask the shader never reads binding 4; q's buffer stands in.
+    let mask_buf = key_mask.map_or(q.buffer(), |m| m.buffer());
+    let u = |x: usize| x as u32;
+    let params = [
+        u(b),
+        u(t),
+        u(d),
+        u(heads),
+        u(blocks),
+        u32::from(key_mask.is_some()),
+        scaling.to_bits(),
+    ];
+    gpu.dispatch(
+        &SG_SHADER,
+        "attention_sg_forward",
+        &[q.buffer(), k.buffer(), v.buffer(), mask_buf, out.buffer()],
+        &params,
+        groups as u32,
+    )?;
+    Ok(out)
 }
 
 /// How many heads and query rows one score buffer holds.
@@ -847,6 +947,111 @@ mod tests {
             best * 1e3,
             flop / best / 1e9
         );
+    }
+
+    #[test]
+    fn fused_matches_reference_and_unfused() {
+        let gpu = test_gpu();
+        if !gpu.subgroups_of_8() {
+            eprintln!("fused attention: skipped, the adapter has no subgroups of 8");
+            return;
+        }
+        // T around and not multiples of the 8-row / 8-key blocks; masks: none, ragged, one item all padded.
+        for (b, heads, t) in [(1, 1, 1), (2, 2, 7), (1, 1, 8), (2, 3, 9), (3, 2, 37), (2, 1, 130)] {
+            let d = heads * FUSED_HEAD_DIM;
+            let c = case(1200 + (b * 1000 + heads * 100 + t) as u64, b, t, d);
+            let mut all_padded = vec![1u32; b * t];
+            all_padded[(b - 1) * t..].fill(0);
+            let masks = [None, Some(ragged_mask(b, t)), Some(all_padded)];
+            for (mi, mask) in masks.iter().enumerate() {
+                let tm = mask.as_ref().map(|m| Tensor::from_u32(gpu, m, &[b, t]).unwrap());
+                let got = self_attention_fused(&c.tq, &c.tk, &c.tv, heads, tm.as_ref())
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
+                let name = format!("fused attention b={b} heads={heads} t={t} mask {mi}");
+                let want = reference::self_attention(&c.q, &c.k, &c.v, b, t, d, heads, mask.as_deref());
+                assert_close(&name, &got, &want, Tol::KERNEL);
+                let unfused = self_attention(&c.tq, &c.tk, &c.tv, heads, tm.as_ref())
+                    .unwrap()
+                    .to_vec()
+                    .unwrap();
+                assert_close(&format!("{name} vs unfused"), &got, &to64(&unfused), Tol::KERNEL);
+                if mi == 2 {
+                    // The fully padded item gets exact zeros, as the unfused path.
+                    assert!(got[(b - 1) * t * d..].iter().all(|&x| x == 0.0), "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_bad_inputs_give_clear_errors() {
+        let gpu = test_gpu();
+        let c = case(1300, 1, 5, 12);
+        let err = self_attention_fused(&c.tq, &c.tk, &c.tv, 3, None)
+            .unwrap_err()
+            .to_string();
+        let want = if gpu.subgroups_of_8() {
+            "head dimension of 64"
+        } else {
+            "subgroups"
+        };
+        assert!(err.contains(want), "{err}");
+        // The inference entry point falls back to the unfused path where the fused one cannot run.
+        let y = self_attention_inference(&c.tq, &c.tk, &c.tv, 3, None)
+            .unwrap()
+            .to_vec()
+            .unwrap();
+        let want = self_attention(&c.tq, &c.tk, &c.tv, 3, None).unwrap().to_vec().unwrap();
+        assert!(y == want);
+    }
+
+    /// Fused and unfused inference attention interleaved (best of 5 each) for B = 1, 12 heads of 64 and
+    /// T = 49, 149, 499 (prints, never asserts; --ignored).
+    #[test]
+    #[ignore]
+    fn bench_attention_fused_vs_unfused() {
+        let gpu = test_gpu();
+        if !gpu.subgroups_of_8() {
+            eprintln!("fused attention: skipped, the adapter has no subgroups of 8");
+            return;
+        }
+        let ts: Vec<usize> = std::env::var("BENCH_T")
+            .map(|s| s.split(',').map(|x| x.parse().unwrap()).collect())
+            .unwrap_or(vec![49, 149, 499]);
+        for t in ts {
+            let (b, d, heads) = (1, 768, 12);
+            let c = case(600 + t as u64, b, t, d);
+            let run = |fused: bool| {
+                let start = std::time::Instant::now();
+                let y = if fused {
+                    self_attention_fused(&c.tq, &c.tk, &c.tv, heads, None)
+                } else {
+                    self_attention(&c.tq, &c.tk, &c.tv, heads, None)
+                };
+                y.unwrap();
+                gpu.sync().unwrap();
+                start.elapsed().as_secs_f64()
+            };
+            run(false); // compiles the pipelines
+            run(true);
+            let (mut unfused, mut fused) = (f64::MAX, f64::MAX);
+            for _ in 0..5 {
+                unfused = unfused.min(run(false));
+                fused = fused.min(run(true));
+            }
+            let flop = 4.0 * (b * heads * t * t * (d / heads)) as f64;
+            eprintln!(
+                "attention B={b} T={t} D={d} heads={heads}: unfused {:.2} ms ({:.2} GFLOP/s), fused {:.2} ms \
+                 ({:.2} GFLOP/s), fused / unfused speed {:.2}x",
+                unfused * 1e3,
+                flop / unfused / 1e9,
+                fused * 1e3,
+                flop / fused / 1e9,
+                unfused / fused
+            );
+        }
     }
 
     /// A key mask for B items of T frames: item b has `T - b * T / 4` valid frames (at least one).

@@ -114,9 +114,27 @@ pub enum Kernel {
     /// B contiguous along n, vec4 loads of B rows.
     Nn4,
     /// The layout of `Nt4`, for adapters with subgroups of exactly 8 (`shaders/matmul_sg.wgsl`).
-    SgNt4,
+    SgNt4(SgTile),
     /// The layout of `Nn4`, for adapters with subgroups of exactly 8.
-    SgNn4,
+    SgNn4(SgTile),
+}
+
+/// How the subgroups of a subgroup kernel's workgroup are arranged: each subgroup covers 8 rows x 32
+/// columns of C, a workgroup `rows` x `cols` subgroups (the shader's `SG_WR` x `SG_WC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgTile {
+    pub rows: u8,
+    pub cols: u8,
+}
+
+impl SgTile {
+    /// 8 rows x 256 columns: wide products (linear layers).
+    pub const WIDE: SgTile = SgTile { rows: 1, cols: 8 };
+    /// One subgroup per workgroup, 8 rows x 32 columns: narrow products (the attention's Q K^T with
+    /// n = T and P V with n = 64), where a wider workgroup leaves lanes idle past the last column.
+    pub const ONE: SgTile = SgTile { rows: 1, cols: 1 };
+    /// 32 rows x 64 columns: products with n = 64 (the attention's P V).
+    pub const TALL: SgTile = SgTile { rows: 4, cols: 2 };
 }
 
 impl Kernel {
@@ -125,8 +143,8 @@ impl Kernel {
             Kernel::General => "matmul_forward",
             Kernel::Nt4 => "matmul_nt4_forward",
             Kernel::Nn4 => "matmul_nn4_forward",
-            Kernel::SgNt4 => "matmul_sg_nt4_forward",
-            Kernel::SgNn4 => "matmul_sg_nn4_forward",
+            Kernel::SgNt4(_) => "matmul_sg_nt4_forward",
+            Kernel::SgNn4(_) => "matmul_sg_nn4_forward",
         }
     }
 
@@ -134,12 +152,20 @@ impl Kernel {
     fn tile(self) -> (usize, usize) {
         match self {
             Kernel::General | Kernel::Nt4 | Kernel::Nn4 => (TILE, TILE),
-            Kernel::SgNt4 | Kernel::SgNn4 => (8, 256),
+            Kernel::SgNt4(t) | Kernel::SgNn4(t) => (8 * t.rows as usize, 32 * t.cols as usize),
+        }
+    }
+
+    /// The pipeline constants of the kernel's shader.
+    fn constants(self) -> Vec<(&'static str, f64)> {
+        match self {
+            Kernel::SgNt4(t) | Kernel::SgNn4(t) => vec![("SG_WR", t.rows as f64), ("SG_WC", t.cols as f64)],
+            _ => Vec::new(),
         }
     }
 
     fn needs_subgroups_of_8(self) -> bool {
-        matches!(self, Kernel::SgNt4 | Kernel::SgNn4)
+        matches!(self, Kernel::SgNt4(_) | Kernel::SgNn4(_))
     }
 
     fn shader(self) -> &'static Shader {
@@ -180,21 +206,28 @@ pub fn choose_kernel(a: View, b: View, dims: MatDims) -> Kernel {
     Kernel::General
 }
 
-/// Narrowest C (columns) for which the subgroup kernels beat the 4 x 4 ones on lavapipe: their workgroup
-/// spans 256 columns, so narrower products leave lanes idle (measured: P V with n = 64 ran at 0.53x,
-/// Q K^T with n = 149 at 1.7x, linear layers at 2.2-3.7x; benches/RESULTS.md).
-const SG_MIN_N: usize = 128;
+/// Narrowest C (columns) for the 256-column subgroup workgroup ([`SgTile::WIDE`]); narrower products take
+/// one subgroup per workgroup ([`SgTile::ONE`], 8 x 32), which leaves fewer lanes idle past the last
+/// column. Measured on lavapipe (benches/RESULTS.md, "lavapipe attention, session 3"): the attention
+/// products with n = 64 or T = 49..149 ran 1.3-2.4x faster with ONE than with the kernels chosen before (the
+/// 4 x 4 ones for n < 128, WIDE above); at n = 499 ONE and WIDE tie; the linear layers (n >= 768) keep WIDE.
+const SG_WIDE_MIN_N: usize = 256;
 
-/// [`choose_kernel`], then the subgroup variant of a vec4 kernel where the adapter has subgroups of 8 and
-/// the product is wide enough to fill them.
+/// [`choose_kernel`], then the subgroup variant of a vec4 kernel where the adapter has subgroups of 8, with
+/// a workgroup shape that fits the product's width.
 pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims) -> Kernel {
     let kernel = choose_kernel(a, b, dims);
-    if !gpu.subgroups_of_8() || dims.n < SG_MIN_N {
+    if !gpu.subgroups_of_8() {
         return kernel;
     }
+    let tile = if dims.n >= SG_WIDE_MIN_N {
+        SgTile::WIDE
+    } else {
+        SgTile::ONE
+    };
     match kernel {
-        Kernel::Nt4 => Kernel::SgNt4,
-        Kernel::Nn4 => Kernel::SgNn4,
+        Kernel::Nt4 => Kernel::SgNt4(tile),
+        Kernel::Nn4 => Kernel::SgNn4(tile),
         other => other,
     }
 }
@@ -396,9 +429,15 @@ fn launch(
     ];
     // Without a bias the shader never reads binding 3; A's buffer stands in (read-only twice is allowed).
     let bias_buf = bias.map_or(a.buffer(), |t| t.buffer());
-    out.gpu().dispatch(
+    if let Kernel::SgNt4(t) | Kernel::SgNn4(t) = kernel {
+        if t.rows == 0 || t.cols == 0 || t.rows as usize * t.cols as usize * 8 > 256 {
+            bail!("matmul: subgroup tile {t:?} must have 1 to 32 subgroups");
+        }
+    }
+    out.gpu().dispatch_with(
         kernel.shader(),
         kernel.entry(),
+        &kernel.constants(),
         &[a.buffer(), b.buffer(), bias_buf, out.buffer()],
         &params,
         groups as u32,
@@ -793,6 +832,9 @@ mod tests {
     use crate::gpu::test_gpu;
     use crate::ops::testing::{assert_close, check_grad_fd, random_vec, Tol};
 
+    /// Every subgroup workgroup shape the tests compare with the other kernels.
+    const SG_TILES: [SgTile; 3] = [SgTile::WIDE, SgTile::TALL, SgTile::ONE];
+
     fn upload(data: &[f32]) -> Tensor {
         Tensor::from_slice(test_gpu(), data, &[data.len()]).unwrap()
     }
@@ -982,7 +1024,7 @@ mod tests {
                 )
             });
             assert!(fast == general, "nt4 and general paths differ");
-            for other in [Kernel::SgNt4] {
+            for other in SG_TILES.map(Kernel::SgNt4) {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1024,7 +1066,7 @@ mod tests {
                 )
             });
             assert!(fast == general, "nn4 and general paths differ");
-            for other in [Kernel::SgNn4] {
+            for other in SG_TILES.map(Kernel::SgNn4) {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1043,6 +1085,44 @@ mod tests {
                 );
                 assert!(got == general, "{other:?} and general paths differ");
             }
+        }
+    }
+
+    #[test]
+    fn subgroup_workgroup_shape_follows_the_width() {
+        let gpu = test_gpu();
+        let head = View {
+            offset: 0,
+            batch_stride: 64,
+            row_stride: 768,
+            col_stride: 1,
+        };
+        let d = |n, k| MatDims {
+            batch: 12,
+            m: 149,
+            n,
+            k,
+        };
+        // Q K^T (n = T) and P V (n = 64) of 12 heads, and a linear layer 768 -> 3072.
+        let qk = choose_kernel_for(gpu, head, head.t(), d(149, 64));
+        let pv = choose_kernel_for(gpu, View::row_major(149, 149), head, d(64, 149));
+        let lin = choose_kernel_for(
+            gpu,
+            View::row_major(149, 768),
+            View::transposed(768, 3072),
+            d(3072, 768),
+        );
+        if gpu.subgroups_of_8() {
+            assert_eq!(
+                (qk, pv, lin),
+                (
+                    Kernel::SgNt4(SgTile::ONE),
+                    Kernel::SgNn4(SgTile::ONE),
+                    Kernel::SgNt4(SgTile::WIDE)
+                )
+            );
+        } else {
+            assert_eq!((qk, pv, lin), (Kernel::Nt4, Kernel::Nn4, Kernel::Nt4));
         }
     }
 
@@ -1635,21 +1715,44 @@ mod tests {
                 rm(298, 3072).t(),
                 rm(298, 768),
             ),
-            ("QK^T 12x149x149x64", d(12, 149, 149, 64), head, head.t()),
-            ("PV 12x149x64x149", d(12, 149, 64, 149), rm(149, 149), head),
         ];
+        let mut cases: Vec<(String, MatDims, View, View)> = cases
+            .into_iter()
+            .map(|(name, d, a, b)| (name.to_string(), d, a, b))
+            .collect();
+        for t in [49, 149, 499] {
+            cases.push((format!("QK^T 12x{t}x{t}x64"), d(12, t, t, 64), head, head.t()));
+            cases.push((format!("PV 12x{t}x64x{t}"), d(12, t, 64, t), rm(t, t), head));
+        }
+        // BENCH_ONLY=<part of a case name> picks cases; BENCH_ROUNDS the rounds (default 5).
+        let only = std::env::var("BENCH_ONLY").ok();
+        let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(5, |r| r.parse().unwrap());
         for (name, dims, av, bv) in cases {
+            if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                continue;
+            }
             let MatDims { batch, m, n, k } = dims;
             let a = upload(&random_vec(1, (av.last_index(batch, m, k) + 1) as usize, 1.0));
             let b = upload(&random_vec(2, (bv.last_index(batch, k, n) + 1) as usize, 1.0));
             let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
             let cv = View::row_major(m, n);
             let chosen = choose_kernel(av, bv, dims);
-            let kernels = match chosen {
-                Kernel::Nt4 if gpu.subgroups_of_8() => vec![chosen, Kernel::SgNt4],
-                Kernel::Nn4 if gpu.subgroups_of_8() => vec![chosen, Kernel::SgNn4],
-                _ => vec![chosen],
-            };
+            let sg_tiles = [
+                SgTile::WIDE,
+                SgTile::TALL,
+                SgTile { rows: 2, cols: 2 },
+                SgTile { rows: 2, cols: 1 },
+                SgTile::ONE,
+            ];
+            let mut kernels = vec![chosen];
+            if gpu.subgroups_of_8() {
+                match chosen {
+                    Kernel::Nt4 => kernels.extend(sg_tiles.map(Kernel::SgNt4)),
+                    Kernel::Nn4 => kernels.extend(sg_tiles.map(Kernel::SgNn4)),
+                    _ => {}
+                }
+            }
+            let picked = choose_kernel_for(gpu, av, bv, dims);
             let run = |kern: Kernel| {
                 matmul_with_kernel(kern, &c, cv, &a, av, &b, bv, dims, None, 1.0, Activation::None).unwrap();
                 gpu.sync().unwrap();
@@ -1658,7 +1761,7 @@ mod tests {
                 run(kern); // compiles the pipeline
             }
             let mut best = vec![f64::MAX; kernels.len()];
-            for _ in 0..5 {
+            for _ in 0..rounds {
                 for (i, &kern) in kernels.iter().enumerate() {
                     let start = std::time::Instant::now();
                     run(kern);
@@ -1671,7 +1774,7 @@ mod tests {
                 .zip(&best)
                 .map(|(kern, t)| format!("{kern:?} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t))
                 .collect();
-            eprintln!("{name}: {}", line.join(", "));
+            eprintln!("{name} (picked {picked:?}): {}", line.join(", "));
         }
     }
 

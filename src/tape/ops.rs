@@ -169,7 +169,7 @@ impl Tape {
         dropout: f32,
     ) -> Result<Var> {
         if !self.wants(&[q, k, v]) {
-            return Ok(self.constant(attention::self_attention(
+            return Ok(self.constant(attention::self_attention_inference(
                 q.value(),
                 k.value(),
                 v.value(),
