@@ -91,3 +91,62 @@ fn a_lost_device_becomes_an_error_not_a_hang_or_a_panic() {
     eprintln!("{err}");
     assert!(err.contains("GPU device lost"), "{err}");
 }
+
+/// Out of GPU memory is an error naming the allocation and what is in use, not a panic or a hang, and the
+/// device works again once tensors are freed. The pool's memory limit (`WGPU_MLKD_GPU_MEMORY_LIMIT`) takes the
+/// same path as the device's own out-of-memory error (free the cache, retry once, then fail), so it provokes
+/// that path on any adapter; a real exhaustion cannot be provoked safely (lavapipe under an address-space cap
+/// reported its allocations as made and the process crashed when it used them).
+#[test]
+fn out_of_gpu_memory_becomes_an_error_and_the_device_recovers() {
+    let options = wgpu_mlkd::gpu::GpuOptions {
+        memory_limit: Some("10MiB".into()),
+        ..wgpu_mlkd::gpu::GpuOptions::from_env()
+    };
+    let g = wgpu_mlkd::gpu::Gpu::new(&options).unwrap();
+    let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
+    // 1 MiB tensors, each written by a kernel, until the 10 MiB limit refuses one.
+    let mut held = Vec::new();
+    let error = loop {
+        let a = match Tensor::zeros(&g, &[1 << 18]) {
+            Ok(a) => a,
+            Err(e) => break format!("{e:#}"),
+        };
+        match wgpu_mlkd::ops::elementwise::add(&a, &a) {
+            Ok(b) => held.extend([a, b]),
+            Err(e) => break format!("{e:#}"),
+        }
+        assert!(held.len() <= 20, "10 MiB held 20 tensors of 1 MiB");
+    };
+    eprintln!("{error} (after {} tensors)", held.len());
+    assert!(held.len() >= 6, "refused too early: {error}");
+    assert!(
+        error.contains("GPU out of memory allocating 1048576 bytes (1.0 MiB)")
+            && error.contains("in use by live tensors")
+            && error.contains("WGPU_MLKD_GPU_MEMORY_LIMIT"),
+        "{error}"
+    );
+    // Everything computed before the failure is intact, and freeing makes room again.
+    assert!(held[1].to_vec().unwrap().iter().all(|&v| v == 0.0));
+    drop(held);
+    let y = wgpu_mlkd::ops::elementwise::add(&x, &x).unwrap();
+    assert_eq!(y.to_vec().unwrap(), vec![2.0, 4.0, 6.0]);
+    let big = Tensor::zeros(&g, &[1 << 21]).unwrap(); // 8 MiB: fits once the 1 MiB buffers are gone
+    assert_eq!(big.shape(), &[1 << 21]);
+}
+
+/// A malformed memory limit is refused when the device opens, naming the variable.
+#[test]
+fn a_malformed_memory_limit_is_refused() {
+    for bad in ["lots", "12XB", "-1GiB", "0"] {
+        let options = wgpu_mlkd::gpu::GpuOptions {
+            memory_limit: Some(bad.into()),
+            ..wgpu_mlkd::gpu::GpuOptions::from_env()
+        };
+        let err = format!("{:#}", wgpu_mlkd::gpu::Gpu::new(&options).err().expect("accepted"));
+        assert!(err.contains("WGPU_MLKD_GPU_MEMORY_LIMIT") && err.contains(bad), "{err}");
+    }
+    assert_eq!(wgpu_mlkd::gpu::parse_size("1.5GiB").unwrap(), 3 << 29);
+    assert_eq!(wgpu_mlkd::gpu::parse_size("512M").unwrap(), 512 << 20);
+    assert_eq!(wgpu_mlkd::gpu::parse_size(" 4096 ").unwrap(), 4096);
+}

@@ -251,3 +251,111 @@ fn bad_inputs_give_clear_errors() {
     assert!(stderr(&o).contains("teacher:DIR or student:RUN"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
+
+/// A mono 8-bit PCM WAV of `frames` silent frames at `rate` (written directly: the cheapest long file).
+fn write_silent_u8_wav(path: &Path, rate: u32, frames: u32) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut header = Vec::with_capacity(44);
+    header.extend_from_slice(b"RIFF");
+    header.extend_from_slice(&(36 + frames).to_le_bytes());
+    header.extend_from_slice(b"WAVEfmt ");
+    header.extend_from_slice(&16u32.to_le_bytes());
+    header.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    header.extend_from_slice(&1u16.to_le_bytes()); // mono
+    header.extend_from_slice(&rate.to_le_bytes());
+    header.extend_from_slice(&rate.to_le_bytes()); // bytes per second
+    header.extend_from_slice(&1u16.to_le_bytes()); // block align
+    header.extend_from_slice(&8u16.to_le_bytes());
+    header.extend_from_slice(b"data");
+    header.extend_from_slice(&frames.to_le_bytes());
+    f.write_all(&header).unwrap();
+    let block = vec![128u8; 1 << 20];
+    let mut left = frames as usize;
+    while left > 0 {
+        let n = left.min(block.len());
+        f.write_all(&block[..n]).unwrap();
+        left -= n;
+    }
+    f.flush().unwrap();
+}
+
+/// `ser-train` and `eval` check every file of `--data` from its header before any GPU work, and name every
+/// unusable one at once: too short for one frame, truncated, and (where this GPU's limit makes such a file
+/// cheap to write) longer than the upstream takes in one piece. Nothing is written.
+#[test]
+fn unusable_audio_is_refused_up_front_naming_every_file() {
+    let dir = fixture("unusable");
+    let ser = dir.join("ser");
+    let upstream = format!("teacher:{}", p(&dir.join("teacher")));
+    let o = ser_train(&dir, &upstream, &ser, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let data = dir.join("data");
+    let short = data.join("03c01Wa.wav");
+    wgpu_mlkd::data::wav::write_wav_i16(&short, &[0.1; 12], 16000).unwrap();
+    let truncated = data.join("08c01Ta.wav");
+    wgpu_mlkd::data::wav::write_wav_i16(&truncated, &[0.1; 4000], 16000).unwrap();
+    let bytes = std::fs::read(&truncated).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let mut expect = vec![
+        (short.clone(), "shorter than the upstream's receptive field"),
+        (truncated.clone(), "truncated"),
+    ];
+    // The longest input at this GPU's binding limit, as a 4 kHz 8-bit file: 17 MB on lavapipe's 128 MiB.
+    let max = tiny_config().max_samples(common::gpu().max_binding_bytes());
+    let frames = max / 4 + 2;
+    if frames <= 64 << 20 {
+        let long = data.join("09c01Wa.wav");
+        write_silent_u8_wav(&long, 4000, frames as u32);
+        expect.push((long, "longer than the upstream takes in one piece on this GPU"));
+    } else {
+        eprintln!("too-long file skipped: this GPU takes {max} samples in one piece ({frames} frames to write)");
+    }
+
+    let out = dir.join("ser2");
+    let o = ser_train(&dir, &upstream, &out, &[]);
+    let e = stderr(&o);
+    eprintln!("{e}");
+    assert!(!o.status.success());
+    let listed = format!("{} of {} audio files cannot be used", expect.len(), 24 + expect.len());
+    assert!(e.contains(&listed), "{e}");
+    let o2 = run(&["eval", "--ser", p(&ser), "--data", p(&data), "--snr", "clean"]);
+    let e2 = stderr(&o2);
+    eprintln!("{e2}");
+    assert!(!o2.status.success());
+    for e in [&e, &e2] {
+        assert!(e.contains("nothing was computed"), "{e}");
+        for (path, problem) in &expect {
+            assert!(
+                e.contains(&format!("{}: ", p(path))),
+                "{} not named: {e}",
+                path.display()
+            );
+            assert!(e.contains(problem), "{problem:?} missing: {e}");
+        }
+        assert!(!e.contains("panicked"), "{e}");
+    }
+    assert!(!out.exists(), "ser-train wrote {}", out.display());
+    assert!(!e2.contains("features of"), "eval started work: {e2}");
+
+    // Out of GPU memory (here the pool's limit, which takes the device's out-of-memory path) is a clear error
+    // from a command too, with nothing written.
+    let good = data.join("03a01Wa.wav");
+    let json = dir.join("infer.json");
+    let o = common::bin()
+        .args(["infer", "--ser", p(&ser), "--input", p(&good), "--json"])
+        .env("WGPU_MLKD_GPU_MEMORY_LIMIT", "4KiB")
+        .stdout(std::fs::File::create(&json).unwrap())
+        .output()
+        .unwrap();
+    let e3 = stderr(&o);
+    eprintln!("{e3}");
+    assert!(!o.status.success());
+    assert!(
+        e3.contains("GPU out of memory allocating") && e3.contains("WGPU_MLKD_GPU_MEMORY_LIMIT"),
+        "{e3}"
+    );
+    assert!(!e3.contains("panicked"), "{e3}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

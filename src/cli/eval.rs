@@ -11,7 +11,8 @@ use super::ser_train::{load_noise, resolve_fold};
 use super::Cli;
 use crate::data::dataset::{Dataset, Utterance};
 use crate::model::classifier::SerModel;
-use crate::model::upstream::Upstream;
+use crate::model::upstream::{check_utterance_audio, Upstream};
+use crate::model::Wav2Vec2Config;
 use crate::train::ser::{self, Scores};
 use crate::train::SnrChoice;
 
@@ -178,6 +179,11 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     }
 
     let gpu = cli.open_gpu()?;
+    // Every file is checked against every upstream (from the headers) before any work.
+    for (kind, dir) in &upstreams {
+        let config = Wav2Vec2Config::from_file(&dir.join("config.json"))?;
+        check_utterance_audio(&gpu, &config, &format!("{kind} {}", dir.display()), &utts)?;
+    }
     let mut scored: Vec<Option<(Vec<ResultRow>, Vec<MeanRow>)>> = (0..metas.len()).map(|_| None).collect();
     for (up, (_, up_dir)) in upstreams.iter().enumerate() {
         let users: Vec<usize> = (0..metas.len()).filter(|&i| upstream_of[i] == up).collect();

@@ -11,7 +11,7 @@ use super::Cli;
 use crate::data::dataset::{Dataset, Utterance};
 use crate::data::noise::NoiseBank;
 use crate::model::classifier::{SerMeta, SerModel, FORMAT, PROJ_DIM};
-use crate::model::upstream::{Upstream, UpstreamSpec};
+use crate::model::upstream::{check_utterance_audio, Upstream, UpstreamSpec};
 use crate::train::ser::{self, Example, TrainConfig};
 use crate::train::{split_validation, SnrChoice};
 
@@ -163,6 +163,8 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
 
     let gpu = cli.open_gpu()?;
     let upstream = Upstream::load(&gpu, &args.upstream)?;
+    let every: Vec<&Utterance> = train_all.iter().chain(&test).copied().collect();
+    check_utterance_audio(&gpu, upstream.config(), &args.upstream.to_string(), &every)?;
     let (l, d) = (upstream.info.feature_layers, upstream.info.hidden_size);
     eprintln!(
         "{}: {} utterances ({} train, {} validation, {} test), {} classes; upstream {} ({} feature layers of {}); \

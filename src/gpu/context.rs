@@ -44,16 +44,28 @@ pub struct GpuOptions {
     pub backend: Option<BackendChoice>,
     /// Case-insensitive substring of the adapter name.
     pub adapter: Option<String>,
+    /// Most GPU memory the buffer pool may hold, as given (e.g. `4GiB`; parsed when the device opens):
+    /// allocations beyond it fail as if the device were out of memory. For sharing a GPU, or keeping well
+    /// inside a driver that fails badly when it runs out.
+    pub memory_limit: Option<String>,
 }
 
 impl GpuOptions {
-    /// `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`, as wgpu's own examples read them.
+    /// `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`, as wgpu's own examples read them, and
+    /// `WGPU_MLKD_GPU_MEMORY_LIMIT`.
     pub fn from_env() -> Self {
         let backend = std::env::var("WGPU_BACKEND")
             .ok()
             .and_then(|s| BackendChoice::parse(&s).ok());
         let adapter = std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty());
-        GpuOptions { backend, adapter }
+        let memory_limit = std::env::var(super::pool::MEMORY_LIMIT_ENV)
+            .ok()
+            .filter(|s| !s.is_empty());
+        GpuOptions {
+            backend,
+            adapter,
+            memory_limit,
+        }
     }
 
     /// Flags given on the command line win over the environment.
@@ -190,6 +202,11 @@ impl Gpu {
     /// Picks an adapter (name filter first, then discrete > integrated > virtual > CPU) and opens a device
     /// with the adapter's own limits instead of WebGPU's small defaults.
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        let memory_limit = options
+            .memory_limit
+            .as_deref()
+            .map(|m| super::pool::parse_size(m).with_context(|| super::pool::MEMORY_LIMIT_ENV))
+            .transpose()?;
         let instance = make_instance(options);
         let mut adapters = pollster::block_on(instance.enumerate_adapters(options.backends()));
         if adapters.is_empty() {
@@ -268,7 +285,7 @@ impl Gpu {
                 ));
             });
         }
-        let pool = Arc::new(BufferPool::new(device.clone(), limits.clone()));
+        let pool = Arc::new(BufferPool::new(device.clone(), limits.clone(), memory_limit));
         Ok(Gpu {
             inner: Arc::new(Inner {
                 pipelines: PipelineCache::new(device.clone()),
@@ -508,8 +525,15 @@ impl Gpu {
     }
 }
 
+/// Buffer creation beyond this share of the driver's memory budget (where it reports one, as with
+/// `VK_EXT_memory_budget`) fails with an out-of-memory error that the buffer pool reports, instead of pushing
+/// the driver to its limit: there a driver may fail in ways nothing can catch (lavapipe under an address-space
+/// cap reported its allocations as made and the process crashed when it used them).
+const MEMORY_BUDGET_PERCENT: u8 = 95;
+
 fn make_instance(options: &GpuOptions) -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = options.backends();
+    desc.memory_budget_thresholds.for_resource_creation = Some(MEMORY_BUDGET_PERCENT);
     wgpu::Instance::new(desc)
 }

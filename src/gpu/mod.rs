@@ -15,6 +15,7 @@ mod tensor;
 
 pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions};
 pub use pipeline::Shader;
+pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
 
 /// Largest workgroup count per grid dimension that every WebGPU implementation accepts.

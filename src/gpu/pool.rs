@@ -9,6 +9,48 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Result};
 
+/// The environment variable that caps the GPU memory a process's buffer pool may hold.
+pub const MEMORY_LIMIT_ENV: &str = "WGPU_MLKD_GPU_MEMORY_LIMIT";
+
+/// A size such as `4GiB`, `512MiB`, `1.5G` or `1000000` (bytes); units are binary (K = 1024).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => bail!("{text:?}: unknown unit {unit:?} (use B, KiB, MiB, GiB or TiB)"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{text:?}: expected a size such as 512MiB or 4GiB"))?;
+    let bytes = value * scale as f64;
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        bail!("{text:?}: expected a size of at least 1 byte, such as 512MiB or 4GiB");
+    }
+    Ok(bytes as u64)
+}
+
+/// Bytes in the largest binary unit that keeps the number at least 1 (`1.5 MiB`, `300 B`).
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
 pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -16,6 +58,9 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 pub(crate) struct BufferPool {
     device: wgpu::Device,
     limits: wgpu::Limits,
+    /// Most bytes the pool may hold ([`super::GpuOptions::memory_limit`]); reaching it is handled exactly as
+    /// the device running out of memory.
+    memory_limit: Option<u64>,
     state: Mutex<PoolState>,
 }
 
@@ -38,11 +83,36 @@ pub(crate) fn size_class(bytes: u64) -> u64 {
 }
 
 impl BufferPool {
-    pub(crate) fn new(device: wgpu::Device, limits: wgpu::Limits) -> Self {
+    pub(crate) fn new(device: wgpu::Device, limits: wgpu::Limits, memory_limit: Option<u64>) -> Self {
         BufferPool {
             device,
             limits,
+            memory_limit,
             state: Mutex::default(),
+        }
+    }
+
+    /// A new buffer of `class` bytes, or why there is no memory for it: the memory limit, or the device's own
+    /// out-of-memory error.
+    fn create(&self, allocated: u64, class: u64) -> Result<wgpu::Buffer, String> {
+        if let Some(limit) = self.memory_limit {
+            if allocated + class > limit {
+                return Err(format!(
+                    "over the limit of {limit} bytes ({}) set by {MEMORY_LIMIT_ENV}",
+                    human(limit)
+                ));
+            }
+        }
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: class,
+            usage: STORAGE_USAGE,
+            mapped_at_creation: false,
+        });
+        match pollster::block_on(scope.pop()) {
+            Some(e) => Err(e.to_string()),
+            None => Ok(buffer),
         }
     }
 
@@ -64,28 +134,29 @@ impl BufferPool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let buffer = match st.free.get_mut(&class).and_then(|v| v.pop()) {
             Some(b) => b,
-            None => {
-                let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: None,
-                    size: class,
-                    usage: STORAGE_USAGE,
-                    mapped_at_creation: false,
-                });
-                if let Some(e) = pollster::block_on(scope.pop()) {
+            None => match self.create(st.allocated, class) {
+                Ok(b) => {
+                    st.allocated += class;
+                    b
+                }
+                Err(why) => {
                     // Free cached buffers and try once more before giving up.
                     let cached: u64 = st.free.values().flatten().map(|b| b.size()).sum();
                     st.free.clear();
                     st.allocated -= cached;
+                    let in_use = st.in_use;
                     drop(st);
                     if cached == 0 {
-                        bail!("GPU out of memory allocating {class} bytes: {e}");
+                        bail!(
+                            "GPU out of memory allocating {class} bytes ({}) with {} in use by live tensors ({why}); \
+                             use shorter audio, a smaller --batch or a GPU with more memory",
+                            human(class),
+                            human(in_use)
+                        );
                     }
                     return self.acquire(bytes);
                 }
-                st.allocated += class;
-                b
-            }
+            },
         };
         st.in_use += class;
         st.peak_in_use = st.peak_in_use.max(st.in_use);

@@ -260,6 +260,21 @@ impl Wav2Vec2Config {
         self.hidden_size / self.num_attention_heads
     }
 
+    /// The longest input the forward pass takes in one piece on a GPU whose storage bindings hold at most
+    /// `max_binding_bytes`, in 16 kHz samples: the waveform and every `[frames, width]` activation (width: the
+    /// hidden size or the last conv's channels) must each fit one binding (the CNN, the feed-forward and
+    /// attention are split in chunks; these are not).
+    pub fn max_samples(&self, max_binding_bytes: u64) -> usize {
+        let max = usize::try_from(max_binding_bytes).unwrap_or(usize::MAX);
+        let width = self.hidden_size.max(*self.conv_dim.last().unwrap_or(&1));
+        let max_frames = max / (4 * width);
+        // Samples giving at most max_frames frames: (max_frames - 1) strides plus one receptive field.
+        let by_frames = (max_frames.saturating_sub(1))
+            .saturating_mul(self.total_stride())
+            .saturating_add(self.receptive_field() + self.total_stride() - 1);
+        by_frames.min(max / 4)
+    }
+
     pub fn conv_out(&self) -> usize {
         *self.conv_dim.last().expect("validated non-empty")
     }

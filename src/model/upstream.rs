@@ -15,6 +15,8 @@ use super::classifier::UpstreamInfo;
 use super::student::Student;
 use super::{teacher_normalizes, Wav2Vec2, Wav2Vec2Config};
 use crate::data::cache::TeacherInfo;
+use crate::data::dataset::{check_file, Utterance};
+use crate::data::resample::output_len;
 use crate::data::wav;
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::ops::reduce;
@@ -83,6 +85,61 @@ impl UpstreamSpec {
         }
         Ok(dir)
     }
+}
+
+/// The most problem files one error lists.
+const MAX_LISTED: usize = 20;
+
+/// Checks every utterance's file from its header alone, before any GPU work: a whole, readable WAV file whose
+/// 16 kHz length gives the model described by `config` at least one frame and fits this GPU in one piece
+/// ([`Wav2Vec2Config::max_samples`]). So a corpus's unusable files are all named at the start of a run, not one
+/// by one hours into it. `model` names the upstream in the message.
+pub fn check_utterance_audio(gpu: &Gpu, config: &Wav2Vec2Config, model: &str, utts: &[&Utterance]) -> Result<()> {
+    let min = config.receptive_field();
+    let max = config.max_samples(gpu.max_binding_bytes());
+    let mut problems = Vec::new();
+    for u in utts {
+        let problem = match check_file(&u.path) {
+            Err(e) => Some(e),
+            Ok(info) => {
+                let n = output_len(info.frames as usize, info.sample_rate, wav::TARGET_RATE);
+                if n < min {
+                    Some(format!(
+                        "{:.1} ms is shorter than the upstream's receptive field ({min} samples = {:.1} ms at 16 kHz)",
+                        info.seconds * 1000.0,
+                        min as f64 / 16.0
+                    ))
+                } else if n > max {
+                    Some(format!(
+                        "{:.1} s ({n} samples at 16 kHz) is longer than the upstream takes in one piece on this GPU \
+                         ({max} samples = {:.1} s, set by its largest storage binding); split it into shorter \
+                         utterances",
+                        info.seconds,
+                        max as f64 / 16000.0
+                    ))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(p) = problem {
+            problems.push(format!("{}: {p}", u.path.display()));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    let more = n.saturating_sub(MAX_LISTED);
+    problems.truncate(MAX_LISTED);
+    if more > 0 {
+        problems.push(format!("... and {more} more"));
+    }
+    bail!(
+        "{n} of {} audio files cannot be used with {model}; nothing was computed:\n  {}",
+        utts.len(),
+        problems.join("\n  ")
+    )
 }
 
 #[allow(clippy::large_enum_variant)] // One per process; boxing buys nothing.

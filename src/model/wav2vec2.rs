@@ -350,18 +350,10 @@ impl Wav2Vec2 {
         self.config.layer_norm_eps as f32
     }
 
-    /// The longest input [`Wav2Vec2::forward`] takes on this GPU, in 16 kHz samples: the waveform and every
-    /// `[frames, width]` activation (width: hidden size or the last conv's channels) must each fit one storage
-    /// binding (the CNN, the feed-forward and attention are split in chunks; these are not).
+    /// The longest input [`Wav2Vec2::forward`] takes on this GPU, in 16 kHz samples
+    /// ([`Wav2Vec2Config::max_samples`] at this GPU's binding limit).
     pub fn max_samples(&self) -> usize {
-        let max = self.gpu.max_binding_bytes() as usize;
-        let width = self.config.hidden_size.max(*self.config.conv_dim.last().unwrap_or(&1));
-        let max_frames = max / (4 * width);
-        // Samples giving at most max_frames frames: (max_frames - 1) strides plus one receptive field.
-        let by_frames = (max_frames.saturating_sub(1))
-            .saturating_mul(self.config.total_stride())
-            .saturating_add(self.config.receptive_field() + self.config.total_stride() - 1);
-        by_frames.min(max / 4)
+        self.config.max_samples(self.gpu.max_binding_bytes())
     }
 
     fn check_length(&self, samples: usize, frames: usize) -> Result<()> {
