@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use super::Cli;
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{Gpu, Tensor, PROFILE_ENV};
 use crate::model::student::{default_target_layers, Student};
 use crate::model::{Wav2Vec2, Wav2Vec2Config};
 use crate::ops::adamw::{AdamW, AdamWConfig};
@@ -79,6 +79,19 @@ fn mib(bytes: u64) -> String {
 fn print_header(gpu: &Gpu) {
     let a = gpu.adapter();
     println!("adapter: {} ({}, {})", a.name, a.backend, a.device_type);
+    if gpu.profiling() {
+        println!(
+            "{PROFILE_ENV} is set: every kernel runs and is waited for alone, so the times above the profile are \
+             not the engine's speed"
+        );
+    }
+}
+
+/// The per-kernel profile of the timed runs, when profiling.
+fn print_profile(gpu: &Gpu, repeat: usize) {
+    if let Some(report) = gpu.profile_report() {
+        println!("kernel profile, summed over the {repeat} timed run(s):\n{report}");
+    }
 }
 
 pub fn run(cli: &Cli, args: &Args) -> Result<()> {
@@ -126,6 +139,7 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize) 
     };
     run()?;
     gpu.reset_peak();
+    gpu.profile_reset();
     let times = (0..repeat).map(|_| run()).collect::<Result<Vec<_>>>()?;
     let (_, peak) = gpu.memory();
     let t = median(times);
@@ -142,6 +156,7 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize) 
         flops / t / 1e9
     );
     println!("peak GPU bytes: {peak} ({})", mib(peak));
+    print_profile(&gpu, repeat);
     println!("teacher_forward_seconds_per_audio_second={:.6}", t / seconds);
     Ok(())
 }
@@ -199,6 +214,7 @@ fn bench_train(
     };
     step()?;
     gpu.reset_peak();
+    gpu.profile_reset();
     let times = (0..repeat).map(|_| step()).collect::<Result<Vec<_>>>()?;
     let (_, peak) = gpu.memory();
     let time = median(times);
@@ -218,6 +234,7 @@ fn bench_train(
         flops / time / 1e9
     );
     println!("peak GPU bytes: {peak} ({})", mib(peak));
+    print_profile(&gpu, repeat);
     println!("student_train_step_seconds={time:.6}");
     Ok(())
 }

@@ -54,7 +54,8 @@ enum Command {
     CacheMerge(cache_merge::Args),
     /// Distil the teacher into a small student that predicts its clean layers from noisy speech (resumable)
     Train(Box<train::Args>),
-    /// Time the teacher forward or a training step on the selected adapter (for benches/compare.sh)
+    /// Time the teacher forward or a training step on the selected adapter (for benches/compare.sh);
+    /// WGPU_MLKD_PROFILE=1 adds a per-kernel profile of the timed runs
     Bench(bench::Args),
     /// Train the emotion classifier on a frozen teacher or student (multi-condition with --noise)
     SerTrain(ser_train::Args),

@@ -1,5 +1,6 @@
 //! Instance, adapter and device selection, and the pending-command recorder.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -48,11 +49,14 @@ pub struct GpuOptions {
     /// allocations beyond it fail as if the device were out of memory. For sharing a GPU, or keeping well
     /// inside a driver that fails badly when it runs out.
     pub memory_limit: Option<String>,
+    /// Time every kernel (`WGPU_MLKD_PROFILE=1`): each command is submitted and waited for on its own, and
+    /// [`Gpu::profile_report`] sums the times per kernel. Slows everything down; for finding where time goes.
+    pub profile: bool,
 }
 
 impl GpuOptions {
     /// `WGPU_BACKEND` and `WGPU_ADAPTER_NAME`, as wgpu's own examples read them, and
-    /// `WGPU_MLKD_GPU_MEMORY_LIMIT`.
+    /// `WGPU_MLKD_GPU_MEMORY_LIMIT` and `WGPU_MLKD_PROFILE`.
     pub fn from_env() -> Self {
         let backend = std::env::var("WGPU_BACKEND")
             .ok()
@@ -61,10 +65,12 @@ impl GpuOptions {
         let memory_limit = std::env::var(super::pool::MEMORY_LIMIT_ENV)
             .ok()
             .filter(|s| !s.is_empty());
+        let profile = std::env::var(PROFILE_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
         GpuOptions {
             backend,
             adapter,
             memory_limit,
+            profile,
         }
     }
 
@@ -168,12 +174,26 @@ pub(crate) struct Inner {
     submissions: std::sync::atomic::AtomicU64,
     /// First validation/out-of-memory error the device reported outside an error scope, or a device loss.
     device_error: Arc<Mutex<Option<String>>>,
+    /// Per-kernel times when profiling ([`GpuOptions::profile`]).
+    profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
+}
+
+/// The environment variable that turns the per-kernel profile on.
+pub const PROFILE_ENV: &str = "WGPU_MLKD_PROFILE";
+
+/// One kernel's calls and summed time in the profile.
+#[derive(Clone, Copy, Debug, Default)]
+struct KernelTime {
+    calls: u64,
+    seconds: f64,
 }
 
 /// A recorded GPU command, encoded at the next flush.
 pub(crate) enum Command {
     Dispatch {
         pipeline: wgpu::ComputePipeline,
+        /// The shader file's name and the entry point (the profile's key is `shader::label`).
+        shader: &'static str,
         label: &'static str,
         /// Storage buffers for bindings 1..=n (binding 0 is the uniform parameter block).
         buffers: Vec<wgpu::Buffer>,
@@ -298,6 +318,7 @@ impl Gpu {
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
                 device_error,
+                profile: options.profile.then(Mutex::default),
             }),
         })
     }
@@ -385,6 +406,7 @@ impl Gpu {
         let pipeline = self.inner.pipelines.get(shader, entry, constants)?;
         self.record(Command::Dispatch {
             pipeline,
+            shader: shader.name,
             label: entry,
             buffers: buffers.iter().map(|b| (*b).clone()).collect(),
             params: params.to_vec(),
@@ -394,7 +416,72 @@ impl Gpu {
     }
 
     pub(crate) fn record(&self, cmd: Command) {
+        let Some(profile) = &self.inner.profile else {
+            self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
+            return;
+        };
+        // Profiling: finish what came before, then run this command alone and time it.
+        let _ = self.sync();
+        let key = match &cmd {
+            Command::Dispatch { shader, label, .. } => format!("{shader}::{label}"),
+            Command::Copy { .. } => "buffer copy".to_string(),
+        };
         self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
+        let started = std::time::Instant::now();
+        // An error here is the device's; the caller's next flush or readback reports it.
+        let _ = self.sync();
+        let mut times = profile.lock().unwrap_or_else(|p| p.into_inner());
+        let t = times.entry(key).or_default();
+        t.calls += 1;
+        t.seconds += started.elapsed().as_secs_f64();
+    }
+
+    /// Whether the per-kernel profile is on ([`GpuOptions::profile`]).
+    pub fn profiling(&self) -> bool {
+        self.inner.profile.is_some()
+    }
+
+    /// Forgets the kernel times so far (e.g. a warm-up's).
+    pub fn profile_reset(&self) {
+        if let Some(p) = &self.inner.profile {
+            p.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
+    /// The kernels by total time, with calls, share and mean time, when profiling; `None` otherwise. Each time
+    /// is a command submitted and waited for on its own, so it includes one submission's overhead.
+    pub fn profile_report(&self) -> Option<String> {
+        let times = self
+            .inner
+            .profile
+            .as_ref()?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let total: f64 = times.values().map(|t| t.seconds).sum();
+        let mut rows: Vec<(String, KernelTime)> = times.into_iter().collect();
+        rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
+        let mut out = format!(
+            "{:width$}  {:>7}  {:>10}  {:>6}  {:>10}\n",
+            "kernel", "calls", "total s", "share", "mean ms"
+        );
+        for (k, t) in &rows {
+            out += &format!(
+                "{k:width$}  {:>7}  {:>10.3}  {:>5.1}%  {:>10.3}\n",
+                t.calls,
+                t.seconds,
+                100.0 * t.seconds / total.max(1e-12),
+                1e3 * t.seconds / t.calls as f64
+            );
+        }
+        out += &format!(
+            "{:width$}  {:>7}  {:>10.3}",
+            "total",
+            rows.iter().map(|(_, t)| t.calls).sum::<u64>(),
+            total
+        );
+        Some(out)
     }
 
     /// Encodes every pending command into one command encoder and submits it. Does not wait.

@@ -13,7 +13,7 @@ mod pipeline;
 mod pool;
 mod tensor;
 
-pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions};
+pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, PROFILE_ENV};
 pub use pipeline::Shader;
 pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
@@ -43,6 +43,32 @@ pub fn test_gpu() -> &'static Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;
+    /// without profiling there is no report.
+    #[test]
+    fn the_profile_counts_each_kernel() {
+        let options = GpuOptions {
+            profile: true,
+            ..GpuOptions::from_env()
+        };
+        let g = Gpu::new(&options).unwrap();
+        let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
+        let y = crate::ops::elementwise::add(&x, &x).unwrap();
+        let z = crate::ops::elementwise::add(&y, &x).unwrap();
+        assert_eq!(z.to_vec().unwrap(), vec![3.0, 6.0, 9.0]);
+        let report = g.profile_report().unwrap();
+        eprintln!("{report}");
+        let row = report
+            .lines()
+            .find(|l| l.contains("::add_forward"))
+            .expect("add_forward in the profile");
+        assert_eq!(row.split_whitespace().nth(1), Some("2"), "{report}");
+        assert!(report.lines().last().unwrap().starts_with("total"), "{report}");
+        g.profile_reset();
+        assert!(!g.profile_report().unwrap().contains("add_forward"));
+        assert!(test_gpu().profile_report().is_none() || std::env::var_os(PROFILE_ENV).is_some());
+    }
 
     #[test]
     fn fold_grid_covers_every_group_within_limits() {
