@@ -105,3 +105,43 @@ fn feed_forward_in_row_chunks_equals_whole() {
         assert_rel_close(&format!("feed-forward in chunks of {rows} rows"), &chunked, &whole, 0.0);
     }
 }
+
+/// A frozen model (convolution weights packed once, the positional conv's weight norm applied once) gives
+/// bit-identical hidden states, in one piece and in chunks, and its forward then runs no packing or weight-norm
+/// kernel at all (seen in the per-kernel profile).
+#[test]
+fn a_frozen_model_is_bit_identical_and_packs_nothing_per_forward() {
+    let g = wgpu_mlkd::gpu::Gpu::new(&wgpu_mlkd::gpu::GpuOptions {
+        profile: true,
+        ..wgpu_mlkd::gpu::GpuOptions::from_env()
+    })
+    .unwrap();
+    for name in ["base_group", "stable_layer"] {
+        let dir = fixture(name);
+        let expected = read_safetensors(&dir.join("expected.safetensors"));
+        let (_, input) = &expected["input_values"];
+        let model = Wav2Vec2::load(&g, &dir).unwrap();
+        let mut frozen = Wav2Vec2::load(&g, &dir).unwrap();
+        frozen.freeze().unwrap();
+        let wave = wgpu_mlkd::gpu::Tensor::from_slice(&g, input, &[1, input.len(), 1]).unwrap();
+        for chunk in [model.config.frames(input.len()), 17] {
+            let a = model.feature_encoder_chunked(&wave, chunk).unwrap().to_vec().unwrap();
+            let b = frozen.feature_encoder_chunked(&wave, chunk).unwrap().to_vec().unwrap();
+            assert!(a == b, "{name}: frozen CNN features differ (chunks of {chunk})");
+        }
+        let want = model.forward(input).unwrap();
+        g.profile_reset();
+        let got = frozen.forward(input).unwrap();
+        let report = g.profile_report().unwrap();
+        assert!(
+            !report.contains("pack_weight") && !report.contains("weight_norm"),
+            "{name}: the frozen forward still packs:\n{report}"
+        );
+        for (i, (a, b)) in want.hidden_states.iter().zip(&got.hidden_states).enumerate() {
+            assert!(
+                a.to_vec().unwrap() == b.to_vec().unwrap(),
+                "{name}: hidden_states.{i} differ"
+            );
+        }
+    }
+}

@@ -125,7 +125,9 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize) 
     let samples = check_repeat(repeat, seconds)?;
     let gpu = cli.open_gpu()?;
     print_header(&gpu);
-    let model = Wav2Vec2::load(&gpu, dir)?;
+    // Frozen, as cache-teacher and the SER upstreams run it (convolution weights packed once).
+    let mut model = Wav2Vec2::load(&gpu, dir)?;
+    model.freeze()?;
     let cfg: &Wav2Vec2Config = &model.config;
     if cfg.frames(samples) == 0 {
         bail!("{seconds} s is shorter than one frame of this teacher");

@@ -540,7 +540,8 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
     }
 
     let gpu = cli.open_gpu()?;
-    let model = Wav2Vec2::load(&gpu, &args.teacher)?;
+    let mut model = Wav2Vec2::load(&gpu, &args.teacher)?;
+    model.freeze()?;
     // Refuse files the teacher cannot take in one piece before computing anything (the forward would refuse
     // them one by one, hours into a run).
     let max = model.max_samples();

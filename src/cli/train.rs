@@ -719,7 +719,8 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
         eprintln!("train: no validation utterances; the validation pass is skipped");
         None
     } else {
-        let teacher = Wav2Vec2::load(&gpu, &args.teacher)?;
+        let mut teacher = Wav2Vec2::load(&gpu, &args.teacher)?;
+        teacher.freeze()?;
         let bar = bar(
             (val_ids.len() * val_snrs.len()) as u64,
             "{spinner} teacher on the validation inputs {pos}/{len} [{elapsed_precise}] ETA {eta}",

@@ -161,9 +161,18 @@ impl Upstream {
     pub fn load(gpu: &Gpu, spec: &UpstreamSpec) -> Result<Upstream> {
         let dir = spec.model_dir()?;
         let normalize = teacher_normalizes(&dir)?;
+        // Frozen: an upstream's weights never change here, so its convolutions are packed once.
         let model = match spec.kind {
-            UpstreamKind::Teacher => Model::Teacher(Wav2Vec2::load(gpu, &dir)?),
-            UpstreamKind::Student => Model::Student(Student::load(gpu, &dir)?),
+            UpstreamKind::Teacher => {
+                let mut teacher = Wav2Vec2::load(gpu, &dir)?;
+                teacher.freeze()?;
+                Model::Teacher(teacher)
+            }
+            UpstreamKind::Student => {
+                let mut student = Student::load(gpu, &dir)?;
+                student.encoder.freeze()?;
+                Model::Student(student)
+            }
         };
         let config_bytes = std::fs::read(dir.join("config.json"))
             .with_context(|| format!("cannot read {}", dir.join("config.json").display()))?;
