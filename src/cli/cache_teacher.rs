@@ -541,7 +541,6 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
 
     let gpu = cli.open_gpu()?;
     let mut model = Wav2Vec2::load(&gpu, &args.teacher)?;
-    model.freeze()?;
     // Refuse files the teacher cannot take in one piece before computing anything (the forward would refuse
     // them one by one, hours into a run).
     let max = model.max_samples();
@@ -559,6 +558,7 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
             too_long.join("\n  ")
         );
     }
+    model.freeze()?;
     install_interrupt_handler();
     let plan = plan_shards(&todo_bytes, args.max_shard_utterances, max_shard_bytes);
     let progress = indicatif::ProgressBar::new(todo_samples);

@@ -420,8 +420,10 @@ impl Gpu {
             self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
             return;
         };
-        // Profiling: finish what came before, then run this command alone and time it.
-        let _ = self.sync();
+        // Profiling: run the uploads staged before this command (an empty submission carries them), then this
+        // command alone, and time it. Nothing else is pending: every earlier command ran the same way.
+        self.inner.queue.submit([]);
+        let _ = self.inner.device.poll(wgpu::PollType::wait_indefinitely());
         let key = match &cmd {
             Command::Dispatch { shader, label, .. } => format!("{shader}::{label}"),
             Command::Copy { .. } => "buffer copy".to_string(),

@@ -344,7 +344,8 @@ impl Wav2Vec2 {
 
     /// For a model whose weights will not change again (a teacher, a frozen upstream): packs every
     /// convolution's weight into the kernels' layout once, the positional conv's after its weight norm, so
-    /// inference skips that work on every forward (on lavapipe ~9% of a 1.5 s utterance's forward). Results
+    /// inference skips that work on every forward (8.6% of the kernel time of a 1.5 s forward in lavapipe's
+    /// profile; the wall-time gain there is within run-to-run noise, `benches/RESULTS.md`). Results
     /// are bit-identical (the same kernels on the same packed values). Passes that record gradients still pack
     /// the current weights every time, but a frozen model's inference would not see a later change to its
     /// weights: do not train one.

@@ -88,15 +88,18 @@ pub(crate) fn finish(gpu: &Gpu, part: &Tensor, count: usize, divisor: f32, root:
     Ok(out)
 }
 
-/// Stage 1 over every tensor of `xs` (squared when `square`), all partials in one buffer, then stage 2.
-fn reduce_many(op: &str, xs: &[&Tensor], square: bool, divisor: f32, root: bool) -> Result<Tensor> {
+/// Stage 1 over every tensor of `xs` (squared when `square`, each in at most `max_partials` workgroups), all
+/// partials in one buffer, then stage 2.
+fn reduce_many(
+    op: &str,
+    xs: &[&Tensor],
+    square: bool,
+    max_partials: usize,
+    divisor: f32,
+    root: bool,
+) -> Result<Tensor> {
     ensure!(!xs.is_empty(), "{op}: no tensors given");
     let gpu = xs[0].gpu();
-    let max_partials = if op == "norm_l2" {
-        NORM_MAX_PARTIALS
-    } else {
-        MAX_PARTIALS
-    };
     let plans: Vec<Plan> = xs
         .iter()
         .map(|x| Plan::with_max_partials(x.numel(), max_partials))
@@ -125,18 +128,18 @@ fn reduce_many(op: &str, xs: &[&Tensor], square: bool, divisor: f32, root: bool)
 
 /// The sum of every element, as a `[1]` tensor.
 pub fn sum_all(x: &Tensor) -> Result<Tensor> {
-    reduce_many("sum_all", &[x], false, 1.0, false)
+    reduce_many("sum_all", &[x], false, MAX_PARTIALS, 1.0, false)
 }
 
 /// The mean of every element, as a `[1]` tensor (the sum divided by N in f32).
 pub fn mean_all(x: &Tensor) -> Result<Tensor> {
     ensure!(x.numel() > 0, "mean_all: x {:?} is empty", x.shape());
-    reduce_many("mean_all", &[x], false, x.numel() as f32, false)
+    reduce_many("mean_all", &[x], false, MAX_PARTIALS, x.numel() as f32, false)
 }
 
 /// The sum of squares of every element, as a `[1]` tensor.
 pub fn sum_squares_all(x: &Tensor) -> Result<Tensor> {
-    reduce_many("sum_squares_all", &[x], true, 1.0, false)
+    reduce_many("sum_squares_all", &[x], true, MAX_PARTIALS, 1.0, false)
 }
 
 /// The L2 norm of all the tensors together, `sqrt(sum over every element of every tensor of x^2)`, as a `[1]`
@@ -144,7 +147,7 @@ pub fn sum_squares_all(x: &Tensor) -> Result<Tensor> {
 /// `NORM_MAX_PARTIALS` workgroups each, so the accuracy bound of the module docs grows with `chunk / 256`: about
 /// 1e-5 of the sum of squares for a 2.4 M-element tensor), one stage 2.
 pub fn norm_l2(xs: &[&Tensor]) -> Result<Tensor> {
-    reduce_many("norm_l2", xs, true, 1.0, true)
+    reduce_many("norm_l2", xs, true, NORM_MAX_PARTIALS, 1.0, true)
 }
 
 fn broadcast(op: &str, dy: &Tensor, shape: &[usize], divisor: f32) -> Result<Tensor> {
