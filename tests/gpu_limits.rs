@@ -1,6 +1,6 @@
 //! GPU limits become errors that name the limit, never a panic or a wrapped-around allocation: a tensor
 //! beyond the largest storage binding (checked before anything is allocated, so the test costs nothing) and
-//! a shape whose size overflows.
+//! a shape whose size overflows; out of memory; and the device's on-disk pipeline cache.
 
 mod common;
 
@@ -149,4 +149,77 @@ fn a_malformed_memory_limit_is_refused() {
     assert_eq!(wgpu_mlkd::gpu::parse_size("1.5GiB").unwrap(), 3 << 29);
     assert_eq!(wgpu_mlkd::gpu::parse_size("512M").unwrap(), 512 << 20);
     assert_eq!(wgpu_mlkd::gpu::parse_size(" 4096 ").unwrap(), 4096);
+}
+
+/// The compiled pipelines are kept on disk between runs (where the backend has a pipeline cache): written when
+/// the device closes, read by the next one; a damaged file is dropped and rewritten, never handed to the driver,
+/// and never an error.
+#[test]
+fn the_pipeline_cache_is_written_read_back_and_survives_damage() {
+    let dir = common::fresh_temp("gpu_limits", "pipeline_cache");
+    let options = wgpu_mlkd::gpu::GpuOptions {
+        pipeline_cache: Some(dir.clone()),
+        ..wgpu_mlkd::gpu::GpuOptions::from_env()
+    };
+    let run = || {
+        let g = wgpu_mlkd::gpu::Gpu::new(&options).unwrap();
+        let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
+        let y = wgpu_mlkd::ops::elementwise::add(&x, &x).unwrap();
+        assert_eq!(y.to_vec().unwrap(), vec![2.0, 4.0, 6.0]);
+        g.pipeline_cache_file().map(|p| p.to_path_buf())
+    };
+    let Some(file) = run() else {
+        eprintln!("skipped: this adapter has no pipeline cache (not Vulkan, or no PIPELINE_CACHE feature)");
+        return;
+    };
+    let first = std::fs::read(&file).expect("the pipeline cache is written when the device closes");
+    assert!(
+        first.starts_with(b"WMLKDPC1") && first.len() > 24,
+        "{} bytes",
+        first.len()
+    );
+    // A second run reads it; its pipelines are all in the cache already, so the file is not rewritten.
+    let modified = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(run().as_deref(), Some(file.as_path()));
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().modified().unwrap(),
+        modified,
+        "an unchanged cache was rewritten"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), first);
+    // Damage it both ways: truncated, and one byte changed.
+    for damaged in [first[..first.len() - 1].to_vec(), {
+        let mut b = first.clone();
+        *b.last_mut().unwrap() ^= 0xff;
+        b
+    }] {
+        std::fs::write(&file, &damaged).unwrap();
+        run();
+        let rewritten = std::fs::read(&file).unwrap();
+        assert!(
+            rewritten.starts_with(b"WMLKDPC1") && rewritten != damaged,
+            "the damaged cache was not rewritten"
+        );
+    }
+    // An unwritable place is reported when saving (and only noted when the device closes), never fatal.
+    let blocked = wgpu_mlkd::gpu::Gpu::new(&wgpu_mlkd::gpu::GpuOptions {
+        pipeline_cache: Some(file.join("not-a-dir")),
+        ..wgpu_mlkd::gpu::GpuOptions::from_env()
+    })
+    .unwrap();
+    let x = Tensor::from_slice(&blocked, &[1.0], &[1]).unwrap();
+    assert_eq!(
+        wgpu_mlkd::ops::elementwise::add(&x, &x).unwrap().to_vec().unwrap(),
+        vec![2.0]
+    );
+    let err = format!("{:#}", blocked.save_pipeline_cache().unwrap_err());
+    assert!(err.contains("not-a-dir"), "{err}");
+    // Off: no file.
+    let off = wgpu_mlkd::gpu::Gpu::new(&wgpu_mlkd::gpu::GpuOptions {
+        pipeline_cache: None,
+        ..wgpu_mlkd::gpu::GpuOptions::from_env()
+    })
+    .unwrap();
+    assert!(off.pipeline_cache_file().is_none());
 }

@@ -20,7 +20,13 @@ pub fn run(cli: &Cli, _args: &Args) -> Result<()> {
         println!("[{i}] {a}");
     }
     match Gpu::new(&options) {
-        Ok(gpu) => println!("selected: {} ({})", gpu.adapter().name, gpu.adapter().backend),
+        Ok(gpu) => {
+            println!("selected: {} ({})", gpu.adapter().name, gpu.adapter().backend);
+            match gpu.pipeline_cache_file() {
+                Some(f) => println!("pipeline cache: {}", f.display()),
+                None => println!("pipeline cache: none (off, or the backend has none)"),
+            }
+        }
         Err(e) => println!("no adapter selected: {e:#}"),
     }
     Ok(())

@@ -42,7 +42,7 @@ pub struct Cli {
 enum Command {
     /// Summarise a dataset (EmoDB or IEMOCAP folder, or CSV manifest) and list files it cannot use
     Dataset(dataset::Args),
-    /// List the GPU adapters wgpu can see, with their backend, type and limits
+    /// List the GPU adapters wgpu can see, with their backend, type, limits and features
     Devices(devices::Args),
     /// Run the wav2vec 2.0 teacher on a WAV file and save its hidden states as safetensors
     Extract(extract::Args),

@@ -752,6 +752,10 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     let mut last_saved = step0;
     let save = |trainer: &Trainer, progress: &indicatif::ProgressBar| -> Result<()> {
         progress.set_message(format!("saving checkpoint at step {}", trainer.step));
+        // A run killed later still leaves the next one its compiled pipelines.
+        if let Err(e) = gpu.save_pipeline_cache() {
+            progress.suspend(|| eprintln!("note: the pipeline cache was not saved: {e:#}"));
+        }
         save_checkpoint(
             &checkpoint_dir,
             &trainer.student,

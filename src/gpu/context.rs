@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use super::pipeline::{PipelineCache, Shader};
+use super::pipeline::{DiskCache, PipelineCache, Shader};
 use super::pool::BufferPool;
 
 /// Which graphics API to run on (`--backend`, or `WGPU_BACKEND`).
@@ -52,6 +52,9 @@ pub struct GpuOptions {
     /// Time every kernel (`WGPU_MLKD_PROFILE=1`): each command is submitted and waited for on its own, and
     /// [`Gpu::profile_report`] sums the times per kernel. Slows everything down; for finding where time goes.
     pub profile: bool,
+    /// Directory of the on-disk pipeline cache (`WGPU_MLKD_PIPELINE_CACHE`, default `~/.cache/wgpu-mlkd`);
+    /// `None` compiles every pipeline afresh. Used where the backend supports it (Vulkan).
+    pub pipeline_cache: Option<std::path::PathBuf>,
 }
 
 impl GpuOptions {
@@ -71,6 +74,7 @@ impl GpuOptions {
             adapter,
             memory_limit,
             profile,
+            pipeline_cache: super::pipeline::pipeline_cache_dir_from_env(),
         }
     }
 
@@ -105,6 +109,8 @@ pub struct AdapterSummary {
     pub max_compute_workgroup_storage_size: u32,
     pub max_compute_invocations_per_workgroup: u32,
     pub max_compute_workgroups_per_dimension: u32,
+    /// The optional features wgpu-mlkd can use, as `devices` prints them (e.g. `subgroups 8`, `shader-f16`).
+    pub features: Vec<String>,
 }
 
 impl AdapterSummary {
@@ -112,6 +118,7 @@ impl AdapterSummary {
         let info = adapter.get_info();
         let l = adapter.limits();
         AdapterSummary {
+            features: useful_features(adapter.features(), &info),
             name: info.name,
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
@@ -125,13 +132,33 @@ impl AdapterSummary {
     }
 }
 
+/// The adapter features some kernel or cache of wgpu-mlkd depends on.
+fn useful_features(features: wgpu::Features, info: &wgpu::AdapterInfo) -> Vec<String> {
+    let mut out = Vec::new();
+    if features.contains(wgpu::Features::SUBGROUP) {
+        let (lo, hi) = (info.subgroup_min_size, info.subgroup_max_size);
+        out.push(if lo == hi {
+            format!("subgroups {lo}")
+        } else {
+            format!("subgroups {lo}-{hi}")
+        });
+    }
+    if features.contains(wgpu::Features::SHADER_F16) {
+        out.push("shader-f16".into());
+    }
+    if features.contains(wgpu::Features::PIPELINE_CACHE) {
+        out.push("pipeline-cache".into());
+    }
+    out
+}
+
 impl fmt::Display for AdapterSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const MIB: u64 = 1 << 20;
         write!(
             f,
             "{} ({}, {}{})\n  max buffer {} MiB, max storage binding {} MiB, workgroup memory {} KiB, \
-             {} invocations per workgroup, {} workgroups per dimension",
+             {} invocations per workgroup, {} workgroups per dimension\n  features: {}",
             self.name,
             self.backend,
             self.device_type,
@@ -145,6 +172,11 @@ impl fmt::Display for AdapterSummary {
             self.max_compute_workgroup_storage_size / 1024,
             self.max_compute_invocations_per_workgroup,
             self.max_compute_workgroups_per_dimension,
+            if self.features.is_empty() {
+                "none wgpu-mlkd uses".to_string()
+            } else {
+                self.features.join(", ")
+            },
         )
     }
 }
@@ -263,13 +295,17 @@ impl Gpu {
         let limits = adapter.limits();
         let info = adapter.get_info();
         let subgroups = adapter.features() & wgpu::Features::SUBGROUP;
+        let pipeline_cache = match &options.pipeline_cache {
+            Some(_) => adapter.features() & wgpu::Features::PIPELINE_CACHE,
+            None => wgpu::Features::empty(),
+        };
         let subgroups_of_8 = !subgroups.is_empty()
             && info.subgroup_min_size == 8
             && info.subgroup_max_size == 8
             && std::env::var_os("WGPU_MLKD_NO_SUBGROUPS").is_none();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-mlkd"),
-            required_features: subgroups,
+            required_features: subgroups | pipeline_cache,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -308,7 +344,13 @@ impl Gpu {
         let pool = Arc::new(BufferPool::new(device.clone(), limits.clone(), memory_limit));
         Ok(Gpu {
             inner: Arc::new(Inner {
-                pipelines: PipelineCache::new(device.clone()),
+                pipelines: PipelineCache::new(
+                    device.clone(),
+                    match &options.pipeline_cache {
+                        Some(dir) if !pipeline_cache.is_empty() => DiskCache::open(&device, &info, dir),
+                        _ => None,
+                    },
+                ),
                 device,
                 queue,
                 summary,
@@ -327,6 +369,19 @@ impl Gpu {
         &self.inner.summary
     }
 
+    /// The file this device keeps its compiled pipelines in between runs, if any (see
+    /// [`GpuOptions::pipeline_cache`]).
+    pub fn pipeline_cache_file(&self) -> Option<&std::path::Path> {
+        self.inner.pipelines.disk_path()
+    }
+
+    /// Writes the compiled pipelines to the cache file now, if any were compiled since it was read or last
+    /// written. Done anyway when the device closes; `train` also does it with every checkpoint, so a run
+    /// that is killed leaves its successor the compiled pipelines too.
+    pub fn save_pipeline_cache(&self) -> Result<()> {
+        self.inner.pipelines.save()
+    }
+
     pub fn limits(&self) -> &wgpu::Limits {
         &self.inner.limits
     }
@@ -335,6 +390,12 @@ impl Gpu {
     /// `WGPU_MLKD_NO_SUBGROUPS` to turn the kernels that need this off).
     pub fn subgroups_of_8(&self) -> bool {
         self.inner.subgroups_of_8
+    }
+
+    /// True on a discrete or integrated GPU, false on CPU drivers (lavapipe, SwiftShader, WARP) and unknown
+    /// devices: kernels whose speed depends on real shared memory are chosen by it.
+    pub fn is_hardware_gpu(&self) -> bool {
+        matches!(self.inner.summary.device_type.as_str(), "DiscreteGpu" | "IntegratedGpu")
     }
 
     /// Largest buffer one kernel may bind, in bytes.
