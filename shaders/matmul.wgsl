@@ -19,6 +19,8 @@
 //   matmul_forward:     any strides, scalar loads.
 // All three accumulate every output in k order with fused multiply-adds, so they give bit-identical
 // results (and the chunking of attention cannot change a result).
+//   matmul_tiled_nt4_forward, matmul_tiled_nn4_forward: the nt4 and nn4 layouts with 64 x 64 tiles staged in
+//                       workgroup memory (further down), for GPUs where that beats the caches.
 // Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
 // linear workgroup id is wg.x + wg.y * num_wg.x.
 
@@ -217,6 +219,127 @@ fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         acc3 = fma(vec4<f32>(mm_a[ar3 + ao]), y, acc3);
     }
     store_block(o, acc0, acc1, acc2, acc3);
+}
+
+// ---- Workgroup-memory tiled kernels, for GPUs with fast shared memory (chosen in src/ops/matmul.rs) ----
+// A workgroup of 16 x 16 invocations computes a 64 x 64 tile of C, each invocation a 4 x 4 block as above.
+// For every chunk of WT_K k steps the workgroup first stages A[64 rows, WT_K] and B[WT_K, 64 columns] in
+// workgroup memory (each invocation loads one vec4, or four scalars, of each), so each element read from global
+// memory serves 64 multiply-adds instead of 4. Same k order and fused multiply-adds as the kernels above, so
+// the results are bit-identical to them. Staged transposed: wt_a[p * 16 + q] holds A rows 4q..4q+3 at k
+// step p, wt_b[p * 16 + q] B columns 4q..4q+3, so the inner loop reads one vec4 of each per k step.
+
+const WT: u32 = 64u;   // rows and columns of C per workgroup (Kernel::Tiled* in src/ops/matmul.rs)
+const WT_K: u32 = 16u; // k steps per staged chunk
+
+var<workgroup> wt_a: array<vec4<f32>, 256>; // (WT_K, WT / 4)
+var<workgroup> wt_b: array<vec4<f32>, 256>; // (WT_K, WT / 4)
+
+// (batch, first row, first column) of the workgroup's tile.
+fn tiled_origin(wg: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
+    let wid = wg.x + wg.y * nwg.x;
+    let per_batch = mp.tiles_m * mp.tiles_n;
+    let r = wid % per_batch;
+    return vec3<u32>(wid / per_batch, (r / mp.tiles_n) * WT, (r % mp.tiles_n) * WT);
+}
+
+// Stage one row-quad's four k values (a vec4 along k) transposed: k step p0 + c goes to wt[(p0 + c) * 16 + row / 4].
+fn stage_a_along_k(row: u32, p0: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        wt_a[(p0 + c) * 16u + row / 4u][row % 4u] = v[c];
+    }
+}
+
+fn stage_b_along_k(col: u32, p0: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        wt_b[(p0 + c) * 16u + col / 4u][col % 4u] = v[c];
+    }
+}
+
+// Multiply-adds over the staged chunk (kn <= WT_K steps) into one invocation's 4 x 4 block.
+fn tiled_chunk(kn: u32, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+    for (var p = 0u; p < kn; p++) {
+        let x = wt_a[p * 16u + ty];
+        let y = wt_b[p * 16u + tx];
+        (*acc)[0] = fma(vec4<f32>(x.x), y, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(x.y), y, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(x.z), y, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(x.w), y, (*acc)[3]);
+    }
+}
+
+// A and B contiguous along k (the layout of matmul_nt4_forward).
+@compute @workgroup_size(256)
+fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) li: u32) {
+    let o = tiled_origin(wg, nwg);
+    if (o.x >= mp.batch) {
+        return; // the whole workgroup is past the end of a folded grid (uniform: no barrier is skipped by some)
+    }
+    // Loading role: row (or column) li / 4 of the tile, k quad li % 4 of the chunk.
+    let lr = li / 4u;
+    let lq = (li % 4u) * 4u;
+    let a_row = (mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_col = (mp.b_off + o.x * mp.b_bs + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
+    // Computing role: rows o.y + 4 ty.., columns o.z + 4 tx...
+    let ty = li / 16u;
+    let tx = li % 16u;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
+        var va = vec4<f32>(0.0);
+        var vb = vec4<f32>(0.0);
+        if (k0 + lq < mp.k) { // k % 4 == 0: a quad is wholly inside or outside
+            va = mm_a4[a_row + (k0 + lq) / 4u];
+            vb = mm_b4[b_col + (k0 + lq) / 4u];
+        }
+        stage_a_along_k(lr, lq, va);
+        stage_b_along_k(lr, lq, vb);
+        workgroupBarrier();
+        tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
+        workgroupBarrier();
+    }
+    store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);
+}
+
+// B contiguous along n (the layout of matmul_nn4_forward); A with any strides.
+@compute @workgroup_size(256)
+fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) li: u32) {
+    let o = tiled_origin(wg, nwg);
+    if (o.x >= mp.batch) {
+        return;
+    }
+    // A: row li / 4, k steps lq..lq+3 of the chunk, scalar loads. B: k step li / 16 of the chunk, columns
+    // 4 (li % 16).. (n % 4 == 0: a quad past the edge is clamped to the last one, never stored).
+    let lr = li / 4u;
+    let lq = (li % 4u) * 4u;
+    let a_row = mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs;
+    let bp = li / 16u;
+    let bq = li % 16u;
+    let b_quad = (mp.b_off + o.x * mp.b_bs + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
+    let brs = mp.b_rs / 4u;
+    let ty = li / 16u;
+    let tx = li % 16u;
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
+        var va = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            let p = k0 + lq + c;
+            if (p < mp.k) {
+                va[c] = mm_a[a_row + p * mp.a_cs];
+            }
+        }
+        stage_a_along_k(lr, lq, va);
+        var vb = vec4<f32>(0.0);
+        if (k0 + bp < mp.k) {
+            vb = mm_b4[b_quad + (k0 + bp) * brs];
+        }
+        wt_b[bp * 16u + bq] = vb;
+        workgroupBarrier();
+        tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
+        workgroupBarrier();
+    }
+    store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);
 }
 
 // ---- Bias gradient of a linear layer: column sums db[j] = sum_r dy[r, j] over R rows of N. ----

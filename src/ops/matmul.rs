@@ -16,6 +16,8 @@ static SHADER: Shader = crate::shader!("matmul");
 static SG_SHADER: Shader = crate::shader!("matmul_sg");
 /// Rows (and columns) of C per workgroup, as `TILE` in the shader.
 const TILE: usize = 32;
+/// Rows (and columns) of C per workgroup of the workgroup-memory kernels, as `WT` in the shader.
+const TILED: usize = 64;
 const FLAG_BIAS: u32 = 1;
 const FLAG_GELU: u32 = 2;
 const FLAG_ACCUMULATE: u32 = 4;
@@ -117,6 +119,10 @@ pub enum Kernel {
     SgNt4(SgTile),
     /// The layout of `Nn4`, for adapters with subgroups of exactly 8.
     SgNn4(SgTile),
+    /// The layout of `Nt4`, 64 x 64 tiles staged in workgroup memory (GPUs with fast shared memory).
+    TiledNt4,
+    /// The layout of `Nn4`, 64 x 64 tiles staged in workgroup memory.
+    TiledNn4,
 }
 
 /// How the subgroups of a subgroup kernel's workgroup are arranged: each subgroup covers 8 rows x 32
@@ -145,6 +151,8 @@ impl Kernel {
             Kernel::Nn4 => "matmul_nn4_forward",
             Kernel::SgNt4(_) => "matmul_sg_nt4_forward",
             Kernel::SgNn4(_) => "matmul_sg_nn4_forward",
+            Kernel::TiledNt4 => "matmul_tiled_nt4_forward",
+            Kernel::TiledNn4 => "matmul_tiled_nn4_forward",
         }
     }
 
@@ -153,6 +161,7 @@ impl Kernel {
         match self {
             Kernel::General | Kernel::Nt4 | Kernel::Nn4 => (TILE, TILE),
             Kernel::SgNt4(t) | Kernel::SgNn4(t) => (8 * t.rows as usize, 32 * t.cols as usize),
+            Kernel::TiledNt4 | Kernel::TiledNn4 => (TILED, TILED),
         }
     }
 
@@ -213,10 +222,42 @@ pub fn choose_kernel(a: View, b: View, dims: MatDims) -> Kernel {
 /// 4 x 4 ones for n < 128, WIDE above); at n = 499 ONE and WIDE tie; the linear layers (n >= 768) keep WIDE.
 const SG_WIDE_MIN_N: usize = 256;
 
-/// [`choose_kernel`], then the subgroup variant of a vec4 kernel where the adapter has subgroups of 8, with
-/// a workgroup shape that fits the product's width.
+/// The environment variable that forces the workgroup-memory tiled matmul kernels on (`1`) or off (`0`)
+/// instead of choosing by adapter (for measuring one against the other on a new GPU).
+pub const TILED_ENV: &str = "WGPU_MLKD_MATMUL_TILED";
+
+/// Smallest C (rows and columns per batch item) for the 64 x 64 tiled kernels: below it most of a tile would
+/// be idle, and the 32 x 32 register-blocked kernels leave fewer invocations without work.
+const TILED_MIN_DIM: usize = 64;
+
+/// Whether the tiled kernels are used on this adapter: `WGPU_MLKD_MATMUL_TILED` if set, else on GPUs
+/// (discrete or integrated) without subgroups of 8. Not on CPU drivers: on lavapipe the register-blocked
+/// kernels beat workgroup-memory tiling (barriers cost more than the loads they save; benches/RESULTS.md);
+/// GPUs have shared memory an order of magnitude faster than their caches, which is what tiling uses.
+/// (Not yet measured on a GPU: the device checks of issue 8 compare both with this variable.)
+fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
+    use std::sync::OnceLock;
+    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var(TILED_ENV).ok()?.trim() {
+        "1" | "on" | "true" => Some(true),
+        "0" | "off" | "false" => Some(false),
+        _ => None,
+    });
+    forced.unwrap_or_else(|| gpu.is_hardware_gpu() && !gpu.subgroups_of_8())
+}
+
+/// [`choose_kernel`], then the variant for this adapter: the workgroup-memory tiled kernels where
+/// [`tiled_wanted`] and the product is at least 64 x 64, else the subgroup kernels where the adapter has
+/// subgroups of 8, with a workgroup shape that fits the product's width.
 pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims) -> Kernel {
     let kernel = choose_kernel(a, b, dims);
+    if dims.m >= TILED_MIN_DIM && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
+        match kernel {
+            Kernel::Nt4 => return Kernel::TiledNt4,
+            Kernel::Nn4 => return Kernel::TiledNn4,
+            _ => {}
+        }
+    }
     if !gpu.subgroups_of_8() {
         return kernel;
     }
@@ -1024,7 +1065,7 @@ mod tests {
                 )
             });
             assert!(fast == general, "nt4 and general paths differ");
-            for other in SG_TILES.map(Kernel::SgNt4) {
+            for other in SG_TILES.map(Kernel::SgNt4).into_iter().chain([Kernel::TiledNt4]) {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1066,7 +1107,7 @@ mod tests {
                 )
             });
             assert!(fast == general, "nn4 and general paths differ");
-            for other in SG_TILES.map(Kernel::SgNn4) {
+            for other in SG_TILES.map(Kernel::SgNn4).into_iter().chain([Kernel::TiledNn4]) {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1112,7 +1153,21 @@ mod tests {
             View::transposed(768, 3072),
             d(3072, 768),
         );
-        if gpu.subgroups_of_8() {
+        if tiled_wanted(gpu) {
+            // Q K^T and the linear are >= 64 x 64; P V has n = 64 too.
+            assert_eq!((qk, pv, lin), (Kernel::TiledNt4, Kernel::TiledNn4, Kernel::TiledNt4));
+            let small = choose_kernel_for(
+                gpu,
+                head,
+                head.t(),
+                MatDims {
+                    m: 49,
+                    n: 49,
+                    ..d(49, 64)
+                },
+            );
+            assert!(!matches!(small, Kernel::TiledNt4), "{small:?} for 49 x 49");
+        } else if gpu.subgroups_of_8() {
             assert_eq!(
                 (qk, pv, lin),
                 (
@@ -1745,6 +1800,11 @@ mod tests {
                 SgTile::ONE,
             ];
             let mut kernels = vec![chosen];
+            match chosen {
+                Kernel::Nt4 => kernels.push(Kernel::TiledNt4),
+                Kernel::Nn4 => kernels.push(Kernel::TiledNn4),
+                _ => {}
+            }
             if gpu.subgroups_of_8() {
                 match chosen {
                     Kernel::Nt4 => kernels.extend(sg_tiles.map(Kernel::SgNt4)),
