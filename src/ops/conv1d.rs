@@ -41,6 +41,17 @@ pub enum ConvKernel {
     /// broadcast their operand (adapters with subgroups of exactly 8). Needs the vec4-loaded channels per
     /// group (C_in / groups for the forward and dw, C_out / groups for dx) to be a multiple of 4.
     Subgroup,
+    /// The forward as a strided matmul (`src/ops/matmul.rs`): without padding and groups, the receptive
+    /// fields of a channels-last input are rows of one view (row stride `stride * C_in`, K * C_in contiguous
+    /// columns) and the packed weight is `[K * C_in, C_out]`, so the GPU's matmul kernels (the workgroup-memory
+    /// tiled ones where they are chosen) run the feature encoder. Forward only; needs groups = 1, padding = 0
+    /// and C_out % 4 == 0 (see [`matmul_fits`]).
+    Matmul,
+}
+
+/// The forward shapes [`ConvKernel::Matmul`] can run.
+fn matmul_fits(w: &Conv1dWeight, padding: usize) -> bool {
+    w.groups == 1 && padding == 0 && w.c_out % BLOCK == 0
 }
 
 /// Channels per group, along the product's columns, below which the subgroup kernels leave too many lanes
@@ -185,7 +196,12 @@ pub fn conv1d_packed(
     padding: usize,
     gelu: bool,
 ) -> Result<Tensor> {
-    let kernel = choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups);
+    // Where the tiled matmul is chosen (GPUs with shared memory), the convolutions it can run go through it.
+    let kernel = if matmul_fits(w, padding) && crate::ops::matmul::tiled_wanted(x.gpu()) {
+        ConvKernel::Matmul
+    } else {
+        choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups)
+    };
     conv1d_packed_with(kernel, x, w, bias, stride, padding, gelu)
 }
 
@@ -231,6 +247,47 @@ pub(crate) fn conv1d_packed_with(
         "conv1d: tensors beyond 2^32 elements need 64-bit indexing; split the input in time"
     );
     if batch == 0 {
+        return Ok(y);
+    }
+    if kernel == ConvKernel::Matmul {
+        ensure!(
+            matmul_fits(w, padding),
+            "conv1d: the matmul route needs groups = 1, no padding and C_out % 4 == 0 (got groups {}, padding \
+             {padding}, C_out {})",
+            w.groups,
+            w.c_out
+        );
+        use crate::ops::matmul::{matmul_into_with, Activation, MatDims, View};
+        let windows = View {
+            offset: 0,
+            batch_stride: t * c_in,
+            row_stride: stride * c_in,
+            col_stride: 1,
+        };
+        let dims = MatDims {
+            batch,
+            m: t_out,
+            n: w.c_out,
+            k: w.k * c_in,
+        };
+        let act = if gelu { Activation::Gelu } else { Activation::None };
+        let weight = View::row_major(w.k * c_in, w.c_out);
+        let weight = View {
+            batch_stride: 0,
+            ..weight
+        };
+        matmul_into_with(
+            &y,
+            View::row_major(t_out, w.c_out),
+            x,
+            windows,
+            &w.packed,
+            weight,
+            dims,
+            bias,
+            1.0,
+            act,
+        )?;
         return Ok(y);
     }
     let cg_out = w.c_out / w.groups;
@@ -805,6 +862,58 @@ mod tests {
         }
     }
 
+    /// The forward as a strided matmul (GPUs with the tiled matmul take it), on the feature encoder's shapes in
+    /// miniature (sizes not multiples of the 64 x 64 tiles, with bias and GELU), against the f64 reference
+    /// and the 4 x 4 conv kernel, whichever matmul kernel this adapter picks for it.
+    #[test]
+    fn matmul_route_matches_reference() {
+        let gpu = test_gpu();
+        // (b, t, c_in, c_out, k, stride, bias, gelu)
+        for (i, (b, t, c_in, c_out, k, s, with_bias, gelu)) in [
+            (2usize, 403usize, 1usize, 68usize, 10usize, 5usize, true, true), // layer 0: 79 frames
+            (1, 301, 20, 132, 3, 2, false, true),                             // 150 frames, k = 60
+            (3, 70, 12, 8, 2, 2, true, false),                                // short: fewer than 64 rows
+            (1, 2, 512, 4, 2, 2, false, false),                               // one frame, k = 1024
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let xv = random_vec(300 + i as u64, b * t * c_in, 1.0);
+            let wv = random_vec(310 + i as u64, c_out * c_in * k, 1.0 / ((c_in * k) as f32).sqrt());
+            let bv = random_vec(320 + i as u64, c_out, 0.5);
+            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+            let w = Conv1dWeight::pack(&Tensor::from_slice(gpu, &wv, &[c_out, c_in, k]).unwrap(), 1).unwrap();
+            let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
+            let bias = with_bias.then_some(&bias);
+            let run = |kern| {
+                conv1d_packed_with(kern, &x, &w, bias, s, 0, gelu)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            };
+            let (via_matmul, block4) = (run(ConvKernel::Matmul), run(ConvKernel::Block4));
+            let want = reference::conv1d(
+                &xv,
+                [b, t, c_in],
+                &wv,
+                [c_out, c_in, k],
+                with_bias.then_some(&bv[..]),
+                s,
+                0,
+                1,
+                gelu,
+            );
+            let name = format!("matmul route case {i}");
+            assert_close(&name, &via_matmul, &want, Tol::KERNEL);
+            assert_close(&name, &block4, &want, Tol::KERNEL);
+        }
+        // Shapes it cannot run are refused, not miscomputed.
+        let x = Tensor::from_slice(gpu, &[0.0; 24], &[1, 6, 4]).unwrap();
+        let w = Conv1dWeight::pack(&Tensor::from_slice(gpu, &[0.5; 32], &[8, 2, 2]).unwrap(), 2).unwrap();
+        let e = conv1d_packed_with(ConvKernel::Matmul, &x, &w, None, 1, 0, false).unwrap_err();
+        assert!(format!("{e:#}").contains("groups = 1"), "{e:#}");
+    }
+
     #[test]
     fn long_reductions_match_reference() {
         // 512 x 3 = 1536 terms per output (feature-encoder layers 1-4) and 6 x 128 = 768 (positional conv
@@ -1283,11 +1392,17 @@ mod timing {
                         best[i] = best[i].min(time(kern));
                     }
                 }
+                // The forward also as a strided matmul, where it fits (the kernel choose_kernel_for picks).
+                let via_matmul = (part == "forward" && matmul_fits(&wp, p)).then(|| {
+                    time(ConvKernel::Matmul);
+                    (0..5).map(|_| time(ConvKernel::Matmul)).fold(f64::MAX, f64::min)
+                });
                 eprintln!(
-                    "{name} {part}: Block4 {:.2} GFLOP/s, Subgroup {:.2} GFLOP/s ({:.2}x)",
+                    "{name} {part}: Block4 {:.2} GFLOP/s, Subgroup {:.2} GFLOP/s ({:.2}x){}",
                     flop / best[0],
                     flop / best[1],
-                    best[0] / best[1]
+                    best[0] / best[1],
+                    via_matmul.map_or(String::new(), |m| format!(", Matmul {:.2} GFLOP/s", flop / m))
                 );
             }
         }

@@ -235,7 +235,7 @@ const TILED_MIN_DIM: usize = 64;
 /// kernels beat workgroup-memory tiling (barriers cost more than the loads they save; benches/RESULTS.md);
 /// GPUs have shared memory an order of magnitude faster than their caches, which is what tiling uses.
 /// (Not yet measured on a GPU: the device checks of issue 8 compare both with this variable.)
-fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
+pub(crate) fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
     use std::sync::OnceLock;
     static FORCED: OnceLock<Option<bool>> = OnceLock::new();
     let forced = *FORCED.get_or_init(|| match std::env::var(TILED_ENV).ok()?.trim() {

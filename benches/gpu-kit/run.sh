@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# The device checks of issue 8, as one script for a machine with a GPU (see pack.sh, which builds the kit here):
+#   1. the adapter wgpu sees;
+#   2. the whole test suite on that GPU (every test binary, each under a time limit);
+#   3. the matmul kernels per model shape (register-blocked against workgroup-memory tiled);
+#   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
+#      with the tiled matmul off, then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
+#   5. one profiled run of each, for where the time goes.
+# Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
+# back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
+# an H100 is the aim).
+set -u
+cd "$(dirname "$0")/../.."
+root=$PWD
+out=${OUT:-$root/gpu-kit-out}
+mkdir -p "$out"
+summary=$out/summary.txt
+: > "$summary"
+logs=$(mktemp -d /tmp/gpu-kit-logs.XXXXXX)
+trap 'cp "$summary" "$logs/" 2>/dev/null; tar -C "$logs" -czf "$out/logs.tar.gz" .' EXIT
+t0=$(date +%s)
+say() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$summary"; }
+kit=$root/.gpu-kit
+[ -f "$kit/bin.tar.xz" ] || { say "no $kit/bin.tar.xz: run benches/gpu-kit/pack.sh first and carry .gpu-kit"; exit 2; }
+say "kit built from $(tr '\n' ' ' < "$kit/commit")"
+
+# The Vulkan loader and the NVIDIA driver's ICD.
+if ! ldconfig -p | grep -q libvulkan.so.1; then
+    for f in "$kit"/debs/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$icd" ] && [ -z "${VK_DRIVER_FILES:-}" ] && export VK_DRIVER_FILES=$icd
+export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
+
+# The binaries, where the test binaries expect them: they were built in /work/main (fixtures and the CLI
+# binary are found through that path).
+mkdir -p target/release
+tar -C "$kit" -xJf "$kit/bin.tar.xz"
+cp "$kit/bin/wgpu-mlkd" target/release/wgpu-mlkd
+if [ "$(readlink -f /work/main 2>/dev/null)" != "$(readlink -f "$root")" ]; then
+    if [ -e /work/main ]; then
+        say "warning: /work/main exists and is not this checkout; the tests that read fixtures will fail"
+    else
+        mkdir -p /work && ln -s "$root" /work/main
+    fi
+fi
+bin=$root/target/release/wgpu-mlkd
+
+say "== 1. adapter"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$summary"
+"$bin" devices > "$logs/devices.txt" 2>&1
+cat "$logs/devices.txt" >> "$summary"
+if ! grep -q "^selected:" "$logs/devices.txt" || { [ -z "${GPU_KIT_ALLOW_CPU:-}" ] && grep -q "^selected: llvmpipe" "$logs/devices.txt"; }; then
+    say "no hardware GPU adapter selected: stopping (see devices.txt)"
+    exit 1
+fi
+
+say "== 2. tests on the GPU"
+for t in "$kit"/bin/test-*; do
+    name=${t##*/test-}
+    log=$logs/test-$name.log
+    timeout "${TEST_LIMIT_S:-100}" "$t" > "$log" 2>&1
+    rc=$?
+    result=$(grep -E "^test result:" "$log" | tail -1)
+    failed=$(grep -E "^test .* FAILED$" "$log" | sed 's/^test //; s/ \.\.\. FAILED$//' | tr '\n' ' ')
+    case $rc in
+        0) say "$name: ${result:-no result line}" ;;
+        124) say "$name: TIMED OUT after ${TEST_LIMIT_S:-100} s ($(grep -c '\.\.\. ok$' "$log") passed before)" ;;
+        *) say "$name: FAILED (rc $rc) ${result} ${failed}" ;;
+    esac
+done
+
+say "== 3. matmul kernels per shape (GFLOP/s; the first column is the register-blocked kernel)"
+BENCH_ROUNDS=5 timeout 60 "$kit/bin/test-lib" --ignored --nocapture --exact \
+    ops::matmul::tests::bench_kernels_model_shapes > "$logs/matmul.log" 2>&1
+grep "GFLOP" "$logs/matmul.log" >> "$summary"
+
+say "== 4. whole workloads"
+teacher=/tmp/gpu-kit-teacher
+python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
+# The figure a bench printed last, or the end of its log when it printed none.
+value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
+for tiled in default 0; do
+    log=$logs/ours-tiled-$tiled.log
+    (
+        [ "$tiled" = default ] || export WGPU_MLKD_MATMUL_TILED=$tiled
+        timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 5
+        timeout 90 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat 5
+    ) > "$log" 2>&1
+    say "wgpu-mlkd (tiled matmul: $tiled): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
+train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
+done
+for dtype in float32 float16; do
+    log=$logs/torch-teacher-$dtype.log
+    timeout 90 python3 benches/pytorch_teacher.py --teacher "$teacher" --seconds 10 --repeat 5 --device cuda \
+        --dtype "$dtype" > "$log" 2>&1
+    say "PyTorch CUDA teacher 10 s, $dtype: $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
+$(grep -E "peak GPU" "$log" | tr '\n' ' ')"
+done
+log=$logs/torch-train.log
+timeout 90 python3 benches/pytorch_train_step.py --teacher "$teacher" --batch 2 --seconds 2 --repeat 5 \
+    --device cuda > "$log" 2>&1
+say "PyTorch CUDA train step: $(value student_train_step_seconds "$log") s; $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
+
+say "== 5. profiles (each kernel submitted and waited for alone)"
+WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 1 \
+    > "$logs/profile-teacher.log" 2>&1
+WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat 1 \
+    > "$logs/profile-train.log" 2>&1
+say "done; profiles in profile-teacher.log and profile-train.log"
