@@ -21,6 +21,7 @@
 // results (and the chunking of attention cannot change a result).
 //   matmul_tiled_nt4_forward, matmul_tiled_nn4_forward: the nt4 and nn4 layouts with 64 x 64 tiles staged in
 //                       workgroup memory (further down), for GPUs where that beats the caches.
+//   (shaders/matmul_f16b.wgsl adds nt4 kernels with B, a weight, stored as f16.)
 // Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
 // linear workgroup id is wg.x + wg.y * num_wg.x.
 

@@ -18,6 +18,12 @@ fn every_shader_parses_and_validates() {
     let mut failures = Vec::new();
     for path in &files {
         let mut src = std::fs::read_to_string(path).unwrap();
+        // `X_f16b.wgsl` is compiled after `X.wgsl` (the two-file form of the `shader!` macro).
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let f16b = stem.strip_suffix("_f16b").map(|base| dir.join(format!("{base}.wgsl")));
+        if let Some(base) = &f16b {
+            src = std::fs::read_to_string(base).unwrap() + &src;
+        }
         if !path.ends_with("common.wgsl") {
             src += &common;
         }
@@ -36,8 +42,12 @@ fn every_shader_parses_and_validates() {
         // Subgroup kernels (`*_sg.wgsl`) are only created on adapters that have subgroups; the rest must not
         // need them.
         let mut caps = naga::valid::Capabilities::default();
-        if shown.ends_with("_sg.wgsl") {
+        if shown.ends_with("_sg.wgsl") || shown.ends_with("_sg_f16b.wgsl") {
             caps |= naga::valid::Capabilities::SUBGROUP;
+        }
+        // The f16-weight kernels (only created where the adapter can unpack f16) unpack with unpack2x16float.
+        if f16b.is_some() {
+            caps |= naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
         }
         let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
         if let Err(e) = validator.validate(&module) {

@@ -145,3 +145,50 @@ fn a_frozen_model_is_bit_identical_and_packs_nothing_per_forward() {
         }
     }
 }
+
+/// f16 linear weights (`freeze_half`, `--f16`) against transformers' f32 hidden states. The weights' rounding
+/// (at most 2^-11 of each) is the only new error; in these random 2-4 layer models it reaches 1.8e-4 to 2.7e-4
+/// of the largest activation (every layer), so the bound is 1e-3 (ten times the f32 bound). The frozen model
+/// also holds less GPU memory with f16 linears than without.
+#[test]
+fn f16_weights_stay_within_their_bound_of_transformers() {
+    const F16_MODEL_TOL: f64 = 1e-3;
+    // A GPU of its own, so that the live bytes are this model's alone.
+    let g = wgpu_mlkd::gpu::Gpu::new(&wgpu_mlkd::gpu::GpuOptions::from_env()).unwrap();
+    if !g.unpacks_f16() {
+        eprintln!("skipped: this adapter cannot unpack f16 in shaders");
+        return;
+    }
+    for name in ["base_group", "stable_layer"] {
+        let dir = fixture(name);
+        let expected = read_safetensors(&dir.join("expected.safetensors"));
+        let (_, input) = &expected["input_values"];
+        let mut model = Wav2Vec2::load(&g, &dir).unwrap();
+        model.freeze().unwrap();
+        let f32_bytes = g.memory().0;
+        drop(model);
+        let mut model = Wav2Vec2::load(&g, &dir).unwrap();
+        model.freeze_half().unwrap();
+        let half_bytes = g.memory().0;
+        eprintln!("{name}: frozen model {f32_bytes} bytes on the GPU, {half_bytes} with f16 linears");
+        assert!(half_bytes < f32_bytes, "{name}: the f16 model holds no less memory");
+        let out = model.forward(input).unwrap();
+        for (i, h) in out.hidden_states.iter().enumerate() {
+            let key = format!("hidden_states.{i}");
+            let (_, want) = &expected[&key];
+            assert_rel_close(
+                &format!("{name}/{key} (f16 weights)"),
+                &h.to_vec().unwrap(),
+                want,
+                F16_MODEL_TOL,
+            );
+        }
+        // Training through an f16 layer is refused, not silently wrong.
+        let tape = wgpu_mlkd::tape::Tape::new();
+        let x = tape.constant(wgpu_mlkd::gpu::Tensor::zeros(&g, &[1, 2, model.config.hidden_size]).unwrap());
+        let Err(e) = model.layers[0].q_proj.forward(&tape, &x) else {
+            panic!("{name}: an f16 layer ran on a recording tape");
+        };
+        assert!(format!("{e:#}").contains("without gradients"), "{e:#}");
+    }
+}

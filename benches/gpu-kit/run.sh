@@ -4,7 +4,8 @@
 #   2. the whole test suite on that GPU (every test binary, each under a time limit);
 #   3. the matmul kernels per model shape (register-blocked against workgroup-memory tiled);
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
-#      with the tiled matmul off, then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
+#      with the tiled matmul off, the teacher with f16 linear weights, then PyTorch eager on the same GPU (f32,
+#      and f16 for the teacher forward);
 #   5. one profiled run of each, for where the time goes.
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
 # back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
@@ -91,6 +92,10 @@ for tiled in default 0; do
     say "wgpu-mlkd (tiled matmul: $tiled): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
 train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 done
+log=$logs/ours-f16.log
+timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 5 --f16 > "$log" 2>&1
+say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
+$(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 for dtype in float32 float16; do
     log=$logs/torch-teacher-$dtype.log
     timeout 90 python3 benches/pytorch_teacher.py --teacher "$teacher" --seconds 10 --repeat 5 --device cuda \

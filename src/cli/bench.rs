@@ -34,6 +34,9 @@ enum Workload {
         /// Timed runs (after one warm-up); the median is reported
         #[arg(long, default_value_t = 5)]
         repeat: usize,
+        /// The linear layers' weights in f16 (`extract --f16`): products still summed in f32
+        #[arg(long)]
+        f16: bool,
     },
     /// One MLKD training step of a student initialised from the teacher (forward, loss, backward, AdamW)
     Train {
@@ -100,7 +103,8 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
             teacher,
             seconds,
             repeat,
-        } => bench_teacher(cli, teacher, *seconds, *repeat),
+            f16,
+        } => bench_teacher(cli, teacher, *seconds, *repeat, *f16),
         Workload::Train {
             teacher,
             batch,
@@ -121,13 +125,17 @@ fn check_repeat(repeat: usize, seconds: f64) -> Result<usize> {
     Ok((seconds * 16000.0).round() as usize)
 }
 
-fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize) -> Result<()> {
+fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize, f16: bool) -> Result<()> {
     let samples = check_repeat(repeat, seconds)?;
     let gpu = cli.open_gpu()?;
     print_header(&gpu);
     // Frozen, as cache-teacher and the SER upstreams run it (convolution weights packed once).
     let mut model = Wav2Vec2::load(&gpu, dir)?;
-    model.freeze()?;
+    if f16 {
+        model.freeze_half()?;
+    } else {
+        model.freeze()?;
+    }
     let cfg: &Wav2Vec2Config = &model.config;
     if cfg.frames(samples) == 0 {
         bail!("{seconds} s is shorter than one frame of this teacher");
@@ -147,10 +155,11 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize) 
     let t = median(times);
     let flops = cfg.forward_flops(samples);
     println!(
-        "teacher: {} layers, width {}, {seconds} s of audio ({} frames)",
+        "teacher: {} layers, width {}, {seconds} s of audio ({} frames), {} linear weights",
         cfg.num_hidden_layers,
         cfg.hidden_size,
-        cfg.frames(samples)
+        cfg.frames(samples),
+        if f16 { "f16" } else { "f32" }
     );
     println!("model GFLOPs per forward: {:.2}", flops / 1e9);
     println!(

@@ -201,6 +201,9 @@ pub(crate) struct Inner {
     /// Subgroup operations are enabled and every subgroup has exactly 8 invocations (lavapipe on AVX2):
     /// the matmul kernels of `shaders/matmul_sg.wgsl` assume that layout.
     pub(crate) subgroups_of_8: bool,
+    /// Shaders may use unpack2x16float (wgpu's `SHADER_F16_IN_F32`: every native backend, except lavapipe
+    /// without shader-f16): the f16-weight kernels need it.
+    unpacks_f16: bool,
     pending: Mutex<Vec<Command>>,
     /// Command buffers submitted so far (tests check that a training step is one).
     submissions: std::sync::atomic::AtomicU64,
@@ -295,6 +298,10 @@ impl Gpu {
         let limits = adapter.limits();
         let info = adapter.get_info();
         let subgroups = adapter.features() & wgpu::Features::SUBGROUP;
+        let unpacks_f16 = adapter
+            .get_downlevel_capabilities()
+            .flags
+            .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
         let pipeline_cache = match &options.pipeline_cache {
             Some(_) => adapter.features() & wgpu::Features::PIPELINE_CACHE,
             None => wgpu::Features::empty(),
@@ -357,6 +364,7 @@ impl Gpu {
                 limits,
                 pool,
                 subgroups_of_8,
+                unpacks_f16,
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
                 device_error,
@@ -390,6 +398,11 @@ impl Gpu {
     /// `WGPU_MLKD_NO_SUBGROUPS` to turn the kernels that need this off).
     pub fn subgroups_of_8(&self) -> bool {
         self.inner.subgroups_of_8
+    }
+
+    /// True where shaders may unpack f16 pairs (the kernels with f16 weights need it).
+    pub fn unpacks_f16(&self) -> bool {
+        self.inner.unpacks_f16
     }
 
     /// True on a discrete or integrated GPU, false on CPU drivers (lavapipe, SwiftShader, WARP) and unknown

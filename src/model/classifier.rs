@@ -158,6 +158,7 @@ impl SerModel {
             Ok(Linear {
                 weight: Param::new(format!("{name}.weight"), Tensor::from_slice(gpu, &w, &[out, inp])?),
                 bias: Some(Param::new(format!("{name}.bias"), Tensor::from_slice(gpu, &b, &[out])?)),
+                half: None,
             })
         };
         let proj = linear("proj", PROJ_DIM, hidden)?;

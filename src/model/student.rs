@@ -62,6 +62,7 @@ impl PredictionHeads {
             Ok(Linear {
                 weight: Param::new(format!("{name}.weight"), Tensor::from_slice(gpu, &w, &[out, hidden])?),
                 bias: Some(Param::new(format!("{name}.bias"), Tensor::from_slice(gpu, &b, &[out])?)),
+                half: None,
             })
         };
         let proj = linear("mlkd_heads.proj", hidden * n)?;

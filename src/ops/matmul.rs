@@ -14,6 +14,9 @@ use crate::gpu::{DType, Shader, Tensor};
 static SHADER: Shader = crate::shader!("matmul");
 /// Kernels that need subgroups of exactly 8 invocations; compiled only on such adapters.
 static SG_SHADER: Shader = crate::shader!("matmul_sg");
+/// The kernels with f16 weights ([`HalfWeight`]), on top of the two above; need [`crate::gpu::Gpu::unpacks_f16`].
+static F16B_SHADER: Shader = crate::shader!("matmul", "matmul_f16b");
+static SG_F16B_SHADER: Shader = crate::shader!("matmul_sg", "matmul_sg_f16b");
 /// Rows (and columns) of C per workgroup, as `TILE` in the shader.
 const TILE: usize = 32;
 /// Rows (and columns) of C per workgroup of the workgroup-memory kernels, as `WT` in the shader.
@@ -123,6 +126,10 @@ pub enum Kernel {
     TiledNt4,
     /// The layout of `Nn4`, 64 x 64 tiles staged in workgroup memory.
     TiledNn4,
+    /// `Nt4`, `TiledNt4` and `SgNt4` with B stored as f16 ([`HalfWeight`]; `linear_half`).
+    Nt4F16b,
+    TiledNt4F16b,
+    SgNt4F16b(SgTile),
 }
 
 /// How the subgroups of a subgroup kernel's workgroup are arranged: each subgroup covers 8 rows x 32
@@ -153,35 +160,46 @@ impl Kernel {
             Kernel::SgNn4(_) => "matmul_sg_nn4_forward",
             Kernel::TiledNt4 => "matmul_tiled_nt4_forward",
             Kernel::TiledNn4 => "matmul_tiled_nn4_forward",
+            Kernel::Nt4F16b => "matmul_nt4_f16b_forward",
+            Kernel::TiledNt4F16b => "matmul_tiled_nt4_f16b_forward",
+            Kernel::SgNt4F16b(_) => "matmul_sg_nt4_f16b_forward",
         }
     }
 
     /// (rows, columns) of C per workgroup, as in the shader.
     fn tile(self) -> (usize, usize) {
         match self {
-            Kernel::General | Kernel::Nt4 | Kernel::Nn4 => (TILE, TILE),
-            Kernel::SgNt4(t) | Kernel::SgNn4(t) => (8 * t.rows as usize, 32 * t.cols as usize),
-            Kernel::TiledNt4 | Kernel::TiledNn4 => (TILED, TILED),
+            Kernel::General | Kernel::Nt4 | Kernel::Nn4 | Kernel::Nt4F16b => (TILE, TILE),
+            Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) => (8 * t.rows as usize, 32 * t.cols as usize),
+            Kernel::TiledNt4 | Kernel::TiledNn4 | Kernel::TiledNt4F16b => (TILED, TILED),
         }
     }
 
     /// The pipeline constants of the kernel's shader.
     fn constants(self) -> Vec<(&'static str, f64)> {
         match self {
-            Kernel::SgNt4(t) | Kernel::SgNn4(t) => vec![("SG_WR", t.rows as f64), ("SG_WC", t.cols as f64)],
+            Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) => {
+                vec![("SG_WR", t.rows as f64), ("SG_WC", t.cols as f64)]
+            }
             _ => Vec::new(),
         }
     }
 
     fn needs_subgroups_of_8(self) -> bool {
-        matches!(self, Kernel::SgNt4(_) | Kernel::SgNn4(_))
+        matches!(self, Kernel::SgNt4(_) | Kernel::SgNn4(_) | Kernel::SgNt4F16b(_))
+    }
+
+    /// B is a [`HalfWeight`]'s packed f16 pairs instead of f32.
+    fn b_is_f16(self) -> bool {
+        matches!(self, Kernel::Nt4F16b | Kernel::TiledNt4F16b | Kernel::SgNt4F16b(_))
     }
 
     fn shader(self) -> &'static Shader {
-        if self.needs_subgroups_of_8() {
-            &SG_SHADER
-        } else {
-            &SHADER
+        match (self.needs_subgroups_of_8(), self.b_is_f16()) {
+            (false, false) => &SHADER,
+            (true, false) => &SG_SHADER,
+            (false, true) => &F16B_SHADER,
+            (true, true) => &SG_F16B_SHADER,
         }
     }
 }
@@ -407,7 +425,18 @@ fn launch(
     }
     if k > 0 {
         check_view("A", a, &a_view, batch, m, k)?;
-        check_view("B", b, &b_view, batch, k, n)?;
+        if kernel.b_is_f16() {
+            // Two f16 per u32 element: the view counts halves.
+            let last = b_view.last_index(batch, k, n);
+            if b.dtype() != DType::U32 || last >= 2 * b.numel() as u128 || last > u32::MAX as u128 {
+                bail!(
+                    "matmul: the f16 B view {b_view:?} does not fit the packed tensor {:?}",
+                    b.shape()
+                );
+            }
+        } else {
+            check_view("B", b, &b_view, batch, k, n)?;
+        }
     }
     if out.buffer() == a.buffer() || out.buffer() == b.buffer() {
         bail!("matmul: the output must not share a buffer with A or B");
@@ -470,7 +499,7 @@ fn launch(
     ];
     // Without a bias the shader never reads binding 3; A's buffer stands in (read-only twice is allowed).
     let bias_buf = bias.map_or(a.buffer(), |t| t.buffer());
-    if let Kernel::SgNt4(t) | Kernel::SgNn4(t) = kernel {
+    if let Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) = kernel {
         if t.rows == 0 || t.cols == 0 || t.rows as usize * t.cols as usize * 8 > 256 {
             bail!("matmul: subgroup tile {t:?} must have 1 to 32 subgroups");
         }
@@ -539,6 +568,143 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
 /// `gelu(x W^T + b)` with exact erf GELU fused on the output (the FFN's intermediate layer).
 pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     linear_impl(x, w, bias, Activation::Gelu)
+}
+
+/// A linear layer's weight `[out, in]` stored as f16 (round to nearest even), two per u32, for inference with
+/// half the weight memory and bandwidth. The products and sums stay f32 ([`linear_half`]): the only error is
+/// the weights' rounding, at most 2^-11 of each weight, so `|y - y_f32| <= 2^-11 * sum_p |x_p w_jp|` plus f32
+/// rounding (tested). Needs no adapter feature (WGSL's `unpack2x16float`); `in` must be a multiple of 4.
+#[derive(Clone, Debug)]
+pub struct HalfWeight {
+    packed: Tensor,
+    out: usize,
+    inp: usize,
+}
+
+/// Largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
+impl HalfWeight {
+    /// Rounds an f32 weight `[out, in]` to f16 (read back once, rounded on the CPU so every adapter gets the
+    /// same bits). A value beyond f16's range is an error naming `what`.
+    pub fn from_f32(w: &Tensor, what: &str) -> Result<HalfWeight> {
+        let &[out, inp] = w.shape() else {
+            bail!("{what}: an f16 weight must be [out, in], got {:?}", w.shape());
+        };
+        if w.dtype() != DType::F32 || inp % 4 != 0 || out == 0 {
+            bail!(
+                "{what}: an f16 weight must be f32 [out, in] with in % 4 == 0, got {:?} {:?}",
+                w.dtype(),
+                w.shape()
+            );
+        }
+        if !w.gpu().unpacks_f16() {
+            bail!(
+                "{what}: this adapter ({}) cannot unpack f16 in shaders (lavapipe needs shader-f16: Mesa 23 or \
+                 newer); run in f32",
+                w.gpu().adapter().name
+            );
+        }
+        let values = w.to_vec()?;
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| v.is_nan() || v.abs() > F16_MAX) {
+            bail!(
+                "{what}: weight [{}, {}] is {v}, which f16 cannot hold (largest {F16_MAX}); run in f32",
+                i / inp,
+                i % inp
+            );
+        }
+        let packed: Vec<u32> = values
+            .chunks_exact(2)
+            .map(|p| half::f16::from_f32(p[0]).to_bits() as u32 | (half::f16::from_f32(p[1]).to_bits() as u32) << 16)
+            .collect();
+        Ok(HalfWeight {
+            packed: Tensor::from_u32(w.gpu(), &packed, &[out, inp / 2])?,
+            out,
+            inp,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+
+    /// GPU bytes the weight holds (half of the f32 weight's).
+    pub fn bytes(&self) -> usize {
+        self.packed.numel() * 4
+    }
+}
+
+/// The kernel for `x W^T` with an f16 `W` of `dims`: as [`choose_kernel_for`] picks for the f32 weight.
+fn choose_half_kernel(gpu: &crate::gpu::Gpu, dims: MatDims) -> Kernel {
+    if dims.m >= TILED_MIN_DIM && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
+        Kernel::TiledNt4F16b
+    } else if gpu.subgroups_of_8() {
+        Kernel::SgNt4F16b(if dims.n >= SG_WIDE_MIN_N {
+            SgTile::WIDE
+        } else {
+            SgTile::ONE
+        })
+    } else {
+        Kernel::Nt4F16b
+    }
+}
+
+/// [`linear`] (or [`linear_gelu`] with `act`) with an f16 weight.
+pub fn linear_half(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
+    let dims = half_dims(x, w, bias)?;
+    linear_half_with(choose_half_kernel(x.gpu(), dims), x, w, bias, act)
+}
+
+fn half_dims(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>) -> Result<MatDims> {
+    let d_in = x.shape().last().copied().unwrap_or(0);
+    if d_in != w.inp || x.dtype() != DType::F32 {
+        bail!(
+            "linear: x {:?} ({:?}) does not match the f16 weight [{}, {}]",
+            x.shape(),
+            x.dtype(),
+            w.out,
+            w.inp
+        );
+    }
+    if let Some(b) = bias {
+        if b.shape() != [w.out] {
+            bail!("linear: bias must be [{}], got {:?}", w.out, b.shape());
+        }
+    }
+    Ok(MatDims {
+        batch: 1,
+        m: x.numel() / d_in,
+        n: w.out,
+        k: d_in,
+    })
+}
+
+/// [`linear_half`] with the kernel given (tests compare them).
+pub(crate) fn linear_half_with(
+    kernel: Kernel,
+    x: &Tensor,
+    w: &HalfWeight,
+    bias: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    if !kernel.b_is_f16() {
+        bail!("linear_half: {kernel:?} does not read f16 weights");
+    }
+    let dims = half_dims(x, w, bias)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("x has a last dimension") = w.out;
+    let y = Tensor::empty(x.gpu(), &shape, DType::F32)?;
+    let views = (
+        View::row_major(dims.m, w.out),
+        View::row_major(dims.m, w.inp),
+        View::transposed(w.inp, w.out),
+    );
+    launch(kernel, &y, x, &w.packed, views, dims, bias, 1.0, act, false)?;
+    Ok(y)
 }
 
 /// `a [B, M, K] · b [B, K, N] -> [B, M, N]`; 2-D inputs are one batch (`[M, K] · [K, N] -> [M, N]`).
@@ -1680,6 +1846,108 @@ mod tests {
         assert_close("matmul_backward 2-D dB", &db.to_vec().unwrap(), &want_db, Tol::KERNEL);
     }
 
+    /// f16 weights: every kernel that reads them gives the same bits, matches the f64 reference over the
+    /// rounded weights at the kernel tolerance, and stays within the stated bound of the f32 layer:
+    /// |y - y_f32| <= 2^-11 * sum_p |x_p w_jp| (+ f32 rounding). Sizes are not multiples of any tile.
+    #[test]
+    fn half_weights_match_reference_within_the_stated_bound() {
+        let gpu = test_gpu();
+        if !gpu.unpacks_f16() {
+            eprintln!("skipped: this adapter cannot unpack f16 in shaders");
+            return;
+        }
+        for (case, (rows, d_in, d_out, act)) in [
+            (74usize, 68usize, 130usize, Activation::None),
+            (9, 36, 260, Activation::Gelu),
+            (70, 132, 66, Activation::None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let xv = random_vec(500 + case as u64, rows * d_in, 1.0);
+            let wv = random_vec(510 + case as u64, d_out * d_in, 1.0 / (d_in as f32).sqrt());
+            let bv = random_vec(520 + case as u64, d_out, 0.5);
+            let x = upload(&xv).reshape(&[rows, d_in]).unwrap();
+            let w32 = upload(&wv).reshape(&[d_out, d_in]).unwrap();
+            let bias = upload(&bv);
+            let w = HalfWeight::from_f32(&w32, "test").unwrap();
+            assert_eq!(
+                (w.out_features(), w.in_features(), w.bytes()),
+                (d_out, d_in, d_out * d_in * 2)
+            );
+            let mut kernels = vec![Kernel::Nt4F16b, Kernel::TiledNt4F16b];
+            if gpu.subgroups_of_8() {
+                kernels.extend([Kernel::SgNt4F16b(SgTile::WIDE), Kernel::SgNt4F16b(SgTile::ONE)]);
+            }
+            let outs: Vec<Vec<f32>> = kernels
+                .iter()
+                .map(|&k| linear_half_with(k, &x, &w, Some(&bias), act).unwrap().to_vec().unwrap())
+                .collect();
+            for (k, o) in kernels.iter().zip(&outs) {
+                assert!(o == &outs[0], "case {case}: {k:?} and {:?} differ", kernels[0]);
+            }
+            assert!(linear_half(&x, &w, Some(&bias), act).unwrap().to_vec().unwrap() == outs[0]);
+            let rounded: Vec<f32> = wv.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let gelu = |v: f64| {
+                if act == Activation::Gelu {
+                    crate::ops::elementwise::reference::gelu_f64(v)
+                } else {
+                    v
+                }
+            };
+            let want: Vec<f64> = reference::linear(&xv, &rounded, Some(&bv), d_in, d_out)
+                .into_iter()
+                .map(gelu)
+                .collect();
+            assert_close(&format!("f16 weights, case {case}"), &outs[0], &want, Tol::KERNEL);
+            if act == Activation::None {
+                let exact = reference::linear(&xv, &wv, Some(&bv), d_in, d_out);
+                let mut worst = 0.0f64;
+                for (i, (&got, &e)) in outs[0].iter().zip(&exact).enumerate() {
+                    let (r, j) = (i / d_out, i % d_out);
+                    let mass: f64 = (0..d_in)
+                        .map(|p| (xv[r * d_in + p] as f64 * wv[j * d_in + p] as f64).abs())
+                        .sum();
+                    let bound = mass / 2048.0 + 1e-6 * (mass + 1.0);
+                    worst = worst.max((got as f64 - e).abs() / bound);
+                    assert!(
+                        (got as f64 - e).abs() <= bound,
+                        "case {case} [{r}, {j}]: {got} vs {e}, bound {bound:.3e}"
+                    );
+                }
+                eprintln!("case {case}: worst error at {:.2} of the f16 bound", worst);
+            }
+        }
+    }
+
+    #[test]
+    fn half_weights_refuse_what_f16_cannot_hold() {
+        let gpu = test_gpu();
+        if !gpu.unpacks_f16() {
+            let w = Tensor::from_slice(gpu, &[0.0; 8], &[2, 4]).unwrap();
+            let e = format!("{:#}", HalfWeight::from_f32(&w, "w").unwrap_err());
+            assert!(e.contains("cannot unpack f16"), "{e}");
+            return;
+        }
+        let mut wv = vec![0.5f32; 3 * 8];
+        wv[13] = 1.0e5;
+        let w = Tensor::from_slice(gpu, &wv, &[3, 8]).unwrap();
+        let e = format!("{:#}", HalfWeight::from_f32(&w, "layers.0.fc").unwrap_err());
+        assert!(
+            e.contains("layers.0.fc") && e.contains("[1, 5]") && e.contains("65504"),
+            "{e}"
+        );
+        wv[13] = f32::NAN;
+        let w = Tensor::from_slice(gpu, &wv, &[3, 8]).unwrap();
+        assert!(HalfWeight::from_f32(&w, "w").is_err());
+        let odd = Tensor::from_slice(gpu, &[0.0; 6], &[2, 3]).unwrap();
+        assert!(format!("{:#}", HalfWeight::from_f32(&odd, "w").unwrap_err()).contains("in % 4 == 0"));
+        // A mismatched input is refused.
+        let w = HalfWeight::from_f32(&Tensor::from_slice(gpu, &[0.0; 8], &[2, 4]).unwrap(), "w").unwrap();
+        let x = Tensor::from_slice(gpu, &[0.0; 8], &[1, 8]).unwrap();
+        assert!(linear_half(&x, &w, None, Activation::None).is_err());
+    }
+
     #[test]
     fn accumulate_adds_to_the_output() {
         let dims = MatDims {
@@ -1813,8 +2081,14 @@ mod tests {
                 }
             }
             let picked = choose_kernel_for(gpu, av, bv, dims);
+            let flop = 2.0 * (batch * m * n * k) as f64;
+            // Small products are recorded several times per submission (as inside a model forward), so that
+            // one submission's latency does not count as kernel time: at least ~200 MFLOP per timing.
+            let reps = (2e8 / flop).ceil().max(1.0) as usize;
             let run = |kern: Kernel| {
-                matmul_with_kernel(kern, &c, cv, &a, av, &b, bv, dims, None, 1.0, Activation::None).unwrap();
+                for _ in 0..reps {
+                    matmul_with_kernel(kern, &c, cv, &a, av, &b, bv, dims, None, 1.0, Activation::None).unwrap();
+                }
                 gpu.sync().unwrap();
             };
             for &kern in &kernels {
@@ -1828,13 +2102,42 @@ mod tests {
                     best[i] = best[i].min(start.elapsed().as_secs_f64());
                 }
             }
-            let flop = 2.0 * (batch * m * n * k) as f64;
+            let flop = flop * reps as f64;
             let line: Vec<String> = kernels
                 .iter()
                 .zip(&best)
                 .map(|(kern, t)| format!("{kern:?} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t))
                 .collect();
-            eprintln!("{name} (picked {picked:?}): {}", line.join(", "));
+            eprintln!("{name} (picked {picked:?}, {reps} per submission): {}", line.join(", "));
+            // The linear layers again with the weight in f16 (the kernel linear_half picks), against the
+            // f32 kernel picked above.
+            if name.starts_with("linear") && gpu.unpacks_f16() {
+                let x = a.reshape(&[m, k]).unwrap();
+                let w = HalfWeight::from_f32(&b.reshape(&[n, k]).unwrap(), "bench").unwrap();
+                let half = choose_half_kernel(gpu, dims);
+                let time = |f: &dyn Fn()| {
+                    f();
+                    (0..rounds)
+                        .map(|_| {
+                            let start = std::time::Instant::now();
+                            f();
+                            start.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::MAX, f64::min)
+                };
+                let f32_time = time(&|| run(picked));
+                let f16_time = time(&|| {
+                    for _ in 0..reps {
+                        linear_half_with(half, &x, &w, None, Activation::None).unwrap();
+                    }
+                    gpu.sync().unwrap();
+                });
+                eprintln!(
+                    "{name} with f16 weights: {half:?} {:.2} GFLOP/s, {:.2}x the f32 {picked:?}",
+                    flop / f16_time / 1e9,
+                    f32_time / f16_time
+                );
+            }
         }
     }
 

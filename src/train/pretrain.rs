@@ -142,6 +142,7 @@ impl Pretrainer {
         let head = Linear {
             weight: Param::new("head.weight", Tensor::from_slice(gpu, &w, &[cfg.n_mels, d])?),
             bias: Some(Param::new("head.bias", Tensor::zeros(gpu, &[cfg.n_mels])?)),
+            half: None,
         };
         let values: Vec<Tensor> = model
             .parameters()
