@@ -8,6 +8,8 @@ With --teacher it loads that Hugging Face folder (the model `wgpu-mlkd bench tea
 `teacher_forward_seconds_per_audio_second=X`, as the wgpu-mlkd command prints (benches/compare.sh reads both).
 """
 import argparse
+import os
+import resource
 import statistics
 import time
 
@@ -36,6 +38,15 @@ model = model.eval().to(a.device, dtype)
 x = (torch.sin(torch.arange(int(a.seconds * 16000), dtype=torch.float32) * 0.01)[None] * 0.5).to(a.device, dtype)
 if a.device == "cuda":
     torch.cuda.reset_peak_memory_stats()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+rss_loaded = rss_bytes() if a.device == "cpu" and os.path.exists("/proc/self/statm") else None
+peak_loading = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 with torch.no_grad():
     model(x)
     times = []
@@ -48,4 +59,13 @@ print(f"torch {torch.__version__}, {a.device} {a.dtype}, {a.threads} threads, {a
       f"-> {a.seconds / med:.2f} audio seconds per second")
 if a.device == "cuda":
     print(f"peak GPU bytes: {torch.cuda.max_memory_allocated()}")
+elif rss_loaded is not None:
+    # No allocator statistics on the CPU: the parameters plus how far the process's peak resident memory rose
+    # above what it held with the model loaded (an upper bound on the forward's own peak; Linux only).
+    params = sum(t.numel() * t.element_size() for t in model.parameters())
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rise = max(peak_rss - rss_loaded, 0)
+    masked = " (a lower bound: loading peaked higher)" if peak_loading >= peak_rss else ""
+    print(f"parameters: {params} bytes; peak resident memory {rise} bytes above the loaded model{masked}: "
+          f"{params + rise} bytes together")
 print(f"teacher_forward_seconds_per_audio_second={med / a.seconds:.6f}")

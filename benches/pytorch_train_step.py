@@ -2,7 +2,9 @@
 transformers' Wav2Vec2Model at base dimensions truncated to 2 layers, prediction heads Linear(768, 3*768) -> GELU
 -> 3 x Linear(768, 768), loss mean|p - t| + mean(-logsigmoid(cos)) averaged over heads, backward, AdamW
 (lr 2e-4, betas (0.9, 0.98), eps 1e-6, wd 1e-6) with grad clipping at 5; dropout 0.1. Median of N steps after
-one warm-up; prints seconds per step and the peak of torch's CPU allocator is not tracked (see RESULTS.md).
+one warm-up; prints seconds per step, and the peak memory (on CUDA torch's allocator peak; on the CPU the
+parameters plus the rise of the process's peak resident memory over the steps: gradients, AdamW moments and
+activations, an upper bound since it counts allocator caches too).
 
     python benches/pytorch_train_step.py [--teacher DIR] [--batch 2] [--seconds 2] [--repeat 5] [--threads 2]
         [--device cpu|cuda]
@@ -11,6 +13,8 @@ With --teacher the student is that folder's model truncated to --student-layers 
 train` times). The last line is `student_train_step_seconds=X`, as the wgpu-mlkd command prints.
 """
 import argparse
+import os
+import resource
 import statistics
 import time
 
@@ -77,6 +81,13 @@ def sync():
         torch.cuda.synchronize()
 
 
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+rss_before = rss_bytes() if a.device == "cpu" and os.path.exists("/proc/self/statm") else None
+peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 step()
 if a.device == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -91,4 +102,11 @@ print(f"torch {torch.__version__}, {a.device}, {a.threads} threads, batch {a.bat
       f"median {med:.3f} s per step")
 if a.device == "cuda":
     print(f"peak GPU bytes: {torch.cuda.max_memory_allocated()}")
+elif rss_before is not None:
+    p_bytes = sum(t.numel() * t.element_size() for t in params)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rise = max(peak - rss_before, 0)
+    masked = " (a lower bound: loading peaked higher)" if peak_before >= peak else ""
+    print(f"parameters: {p_bytes} bytes; peak resident memory {rise} bytes above the loaded model{masked}: "
+          f"{p_bytes + rise} bytes together")
 print(f"student_train_step_seconds={med:.6f}")

@@ -21,7 +21,7 @@
 // results (and the chunking of attention cannot change a result).
 //   matmul_tiled_nt4_forward, matmul_tiled_nn4_forward: the nt4 and nn4 layouts with 64 x 64 tiles staged in
 //                       workgroup memory (further down), for GPUs where that beats the caches.
-//   (shaders/matmul_f16b.wgsl adds nt4 kernels with B, a weight, stored as f16.)
+// Every kernel also exists with B (a weight) stored as f16: see the "B loads" block below.
 // Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
 // linear workgroup id is wg.x + wg.y * num_wg.x.
 
@@ -61,7 +61,14 @@ struct MatParams {
 @group(0) @binding(2) var<storage, read> mm_b: array<f32>;          // B view
 // vec4 views of the same buffers (fast paths); indices are element indices / 4.
 @group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
+// -- B loads: the f16-weight variant of this module swaps this block for shaders/matmul_f16_weights.wgsl
+// (`f16_weight_module` in src/ops/matmul.rs), so every kernel here also runs with B stored as f16.
 @group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt4) or n (nn4)
+
+fn load_b4(q: u32) -> vec4<f32> {
+    return mm_b4[q];
+}
+// -- end of B loads
 
 // erfc_approx and gelu_exact: shaders/common.wgsl.
 
@@ -178,10 +185,10 @@ fn matmul_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         let x1 = mm_a4[ar1 + p];
         let x2 = mm_a4[ar2 + p];
         let x3 = mm_a4[ar3 + p];
-        let y0 = mm_b4[bc0 + p];
-        let y1 = mm_b4[bc1 + p];
-        let y2 = mm_b4[bc2 + p];
-        let y3 = mm_b4[bc3 + p];
+        let y0 = load_b4(bc0 + p);
+        let y1 = load_b4(bc1 + p);
+        let y2 = load_b4(bc2 + p);
+        let y3 = load_b4(bc3 + p);
         // Columns of yt are B[p.., j0..j0+3] for one p each: acc_r[c] += sum_p x_r[p] * y_c[p], in order.
         let yt = transpose(mat4x4<f32>(y0, y1, y2, y3));
         acc0 = fma4(acc0, x0, yt);
@@ -213,7 +220,7 @@ fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     var acc3 = vec4<f32>(0.0);
     for (var p = 0u; p < mp.k; p++) {
         let ao = p * mp.a_cs;
-        let y = mm_b4[bcol + p * brs];
+        let y = load_b4(bcol + p * brs);
         acc0 = fma(vec4<f32>(mm_a[ar0 + ao]), y, acc0);
         acc1 = fma(vec4<f32>(mm_a[ar1 + ao]), y, acc1);
         acc2 = fma(vec4<f32>(mm_a[ar2 + ao]), y, acc2);
@@ -291,7 +298,7 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
         var vb = vec4<f32>(0.0);
         if (k0 + lq < mp.k) { // k % 4 == 0: a quad is wholly inside or outside
             va = mm_a4[a_row + (k0 + lq) / 4u];
-            vb = mm_b4[b_col + (k0 + lq) / 4u];
+            vb = load_b4(b_col + (k0 + lq) / 4u);
         }
         stage_a_along_k(lr, lq, va);
         stage_b_along_k(lr, lq, vb);
@@ -333,7 +340,7 @@ fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
         stage_a_along_k(lr, lq, va);
         var vb = vec4<f32>(0.0);
         if (k0 + bp < mp.k) {
-            vb = mm_b4[b_quad + (k0 + bp) * brs];
+            vb = load_b4(b_quad + (k0 + bp) * brs);
         }
         wt_b[bp * 16u + bq] = vb;
         workgroupBarrier();

@@ -49,7 +49,14 @@ struct MatParams {
 @group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
 @group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view (scalar)
 @group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
+// -- B loads: the f16-weight variant of this module swaps this block for shaders/matmul_f16_weights.wgsl
+// (`f16_weight_module` in src/ops/matmul.rs), so every kernel here also runs with B stored as f16.
 @group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt) or n (nn)
+
+fn load_b4(q: u32) -> vec4<f32> {
+    return mm_b4[q];
+}
+// -- end of B loads
 
 fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
     if (i >= mp.m) {
@@ -117,7 +124,7 @@ fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     let k4 = mp.k / 4u;
     for (var p = 0u; p < k4; p++) {
         let xa = mm_a4[ar + p];
-        let yt = transpose(mat4x4<f32>(mm_b4[bc0 + p], mm_b4[bc1 + p], mm_b4[bc2 + p], mm_b4[bc3 + p]));
+        let yt = transpose(mat4x4<f32>(load_b4(bc0 + p), load_b4(bc1 + p), load_b4(bc2 + p), load_b4(bc3 + p)));
         acc0 = fma4(acc0, subgroupBroadcast(xa, 0u), yt);
         acc1 = fma4(acc1, subgroupBroadcast(xa, 1u), yt);
         acc2 = fma4(acc2, subgroupBroadcast(xa, 2u), yt);
@@ -161,7 +168,7 @@ fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     var acc7 = vec4<f32>(0.0);
     for (var p = 0u; p < mp.k; p++) {
         let xa = mm_a[ar + p * mp.a_cs];
-        let y = mm_b4[bcol + p * brs];
+        let y = load_b4(bcol + p * brs);
         acc0 = fma(vec4<f32>(subgroupBroadcast(xa, 0u)), y, acc0);
         acc1 = fma(vec4<f32>(subgroupBroadcast(xa, 1u)), y, acc1);
         acc2 = fma(vec4<f32>(subgroupBroadcast(xa, 2u)), y, acc2);

@@ -17,13 +17,10 @@ fn every_shader_parses_and_validates() {
     let common = std::fs::read_to_string(dir.join("common.wgsl")).unwrap();
     let mut failures = Vec::new();
     for path in &files {
-        let mut src = std::fs::read_to_string(path).unwrap();
-        // `X_f16b.wgsl` is compiled after `X.wgsl` (the two-file form of the `shader!` macro).
-        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
-        let f16b = stem.strip_suffix("_f16b").map(|base| dir.join(format!("{base}.wgsl")));
-        if let Some(base) = &f16b {
-            src = std::fs::read_to_string(base).unwrap() + &src;
+        if path.ends_with("matmul_f16_weights.wgsl") {
+            continue; // a block of the f16-weight modules, validated inside them below
         }
+        let mut src = std::fs::read_to_string(path).unwrap();
         if !path.ends_with("common.wgsl") {
             src += &common;
         }
@@ -32,29 +29,44 @@ fn every_shader_parses_and_validates() {
             .unwrap_or(path)
             .display()
             .to_string();
-        let module = match naga::front::wgsl::parse_str(&src) {
-            Ok(m) => m,
-            Err(e) => {
+        // The matmul modules also run with f16 weights (`f16_weight_module`); those variants unpack f16.
+        let is_matmul = shown.ends_with("matmul.wgsl") || shown.ends_with("matmul_sg.wgsl");
+        let variants: Vec<(String, String, bool)> = if is_matmul {
+            vec![
+                (shown.clone(), src.clone(), false),
+                (
+                    format!("{shown} (f16 weights)"),
+                    wgpu_mlkd::ops::matmul::f16_weight_module(&src),
+                    true,
+                ),
+            ]
+        } else {
+            vec![(shown, src, false)]
+        };
+        for (shown, src, f16) in variants {
+            let module = match naga::front::wgsl::parse_str(&src) {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(e.emit_to_string_with_path(&src, &shown));
+                    continue;
+                }
+            };
+            // Subgroup kernels (`*_sg.wgsl`) are only created on adapters that have subgroups, and the f16-weight
+            // modules only where the adapter can unpack f16; the rest must need neither.
+            let mut caps = naga::valid::Capabilities::default();
+            if shown.contains("_sg.wgsl") {
+                caps |= naga::valid::Capabilities::SUBGROUP;
+            }
+            if f16 {
+                caps |= naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+            }
+            let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
+            if let Err(e) = validator.validate(&module) {
                 failures.push(e.emit_to_string_with_path(&src, &shown));
                 continue;
             }
-        };
-        // Subgroup kernels (`*_sg.wgsl`) are only created on adapters that have subgroups; the rest must not
-        // need them.
-        let mut caps = naga::valid::Capabilities::default();
-        if shown.ends_with("_sg.wgsl") || shown.ends_with("_sg_f16b.wgsl") {
-            caps |= naga::valid::Capabilities::SUBGROUP;
+            eprintln!("{shown}: ok ({} entry points)", module.entry_points.len());
         }
-        // The f16-weight kernels (only created where the adapter can unpack f16) unpack with unpack2x16float.
-        if f16b.is_some() {
-            caps |= naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
-        }
-        let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps);
-        if let Err(e) = validator.validate(&module) {
-            failures.push(e.emit_to_string_with_path(&src, &shown));
-            continue;
-        }
-        eprintln!("{shown}: ok ({} entry points)", module.entry_points.len());
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -28,18 +28,6 @@ macro_rules! shader {
             ),
         }
     };
-    // `shader!("matmul", "matmul_f16b")`: `shaders/matmul_f16b.wgsl` compiled with `shaders/matmul.wgsl` before it
-    // (whose functions and bindings it uses) and `shaders/common.wgsl` after; named after the second file.
-    ($base:literal, $name:literal) => {
-        $crate::gpu::Shader {
-            name: $name,
-            source: concat!(
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $base, ".wgsl")),
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
-                include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl"))
-            ),
-        }
-    };
 }
 
 pub(crate) struct PipelineCache {

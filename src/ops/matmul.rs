@@ -7,6 +7,8 @@
 //! The kernel is picked by layout: A and B contiguous along k (linear layers, Q K^T) take a vec4 path, B
 //! contiguous along n (P V) another, everything else a scalar strided path. All compute the same sums.
 
+use std::sync::LazyLock;
+
 use anyhow::{bail, Result};
 
 use crate::gpu::{DType, Shader, Tensor};
@@ -14,9 +16,30 @@ use crate::gpu::{DType, Shader, Tensor};
 static SHADER: Shader = crate::shader!("matmul");
 /// Kernels that need subgroups of exactly 8 invocations; compiled only on such adapters.
 static SG_SHADER: Shader = crate::shader!("matmul_sg");
-/// The kernels with f16 weights ([`HalfWeight`]), on top of the two above; need [`crate::gpu::Gpu::unpacks_f16`].
-static F16B_SHADER: Shader = crate::shader!("matmul", "matmul_f16b");
-static SG_F16B_SHADER: Shader = crate::shader!("matmul_sg", "matmul_sg_f16b");
+/// The two modules above with B stored as f16 ([`HalfWeight`]; [`f16_weight_module`]). They need
+/// [`crate::gpu::Gpu::unpacks_f16`].
+static F16B_SHADER: LazyLock<Shader> = LazyLock::new(|| Shader {
+    name: "matmul_f16_weights",
+    source: Box::leak(f16_weight_module(SHADER.source).into_boxed_str()),
+});
+static SG_F16B_SHADER: LazyLock<Shader> = LazyLock::new(|| Shader {
+    name: "matmul_sg_f16_weights",
+    source: Box::leak(f16_weight_module(SG_SHADER.source).into_boxed_str()),
+});
+
+/// The f16 B loads that replace a matmul module's "B loads" block.
+const F16_WEIGHT_LOADS: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/matmul_f16_weights.wgsl"));
+
+/// A matmul module (`shaders/matmul.wgsl` or `matmul_sg.wgsl`) with its "B loads" block, the only place that
+/// reads B, replaced by `shaders/matmul_f16_weights.wgsl`: every kernel of the module then reads B as packed
+/// f16 pairs, with the same loop and the same f32 sums. One kernel source serves both precisions.
+pub fn f16_weight_module(source: &str) -> String {
+    const START: &str = "// -- B loads:";
+    const END: &str = "// -- end of B loads";
+    let (head, rest) = source.split_once(START).expect("a matmul module has a B loads block");
+    let (_, tail) = rest.split_once(END).expect("the B loads block is closed");
+    format!("{head}{F16_WEIGHT_LOADS}{tail}")
+}
 /// Rows (and columns) of C per workgroup, as `TILE` in the shader.
 const TILE: usize = 32;
 /// Rows (and columns) of C per workgroup of the workgroup-memory kernels, as `WT` in the shader.
@@ -160,9 +183,10 @@ impl Kernel {
             Kernel::SgNn4(_) => "matmul_sg_nn4_forward",
             Kernel::TiledNt4 => "matmul_tiled_nt4_forward",
             Kernel::TiledNn4 => "matmul_tiled_nn4_forward",
-            Kernel::Nt4F16b => "matmul_nt4_f16b_forward",
-            Kernel::TiledNt4F16b => "matmul_tiled_nt4_f16b_forward",
-            Kernel::SgNt4F16b(_) => "matmul_sg_nt4_f16b_forward",
+            // The same entry points in the f16-weight modules.
+            Kernel::Nt4F16b => "matmul_nt4_forward",
+            Kernel::TiledNt4F16b => "matmul_tiled_nt4_forward",
+            Kernel::SgNt4F16b(_) => "matmul_sg_nt4_forward",
         }
     }
 
@@ -2115,23 +2139,24 @@ mod tests {
                 let x = a.reshape(&[m, k]).unwrap();
                 let w = HalfWeight::from_f32(&b.reshape(&[n, k]).unwrap(), "bench").unwrap();
                 let half = choose_half_kernel(gpu, dims);
-                let time = |f: &dyn Fn()| {
-                    f();
-                    (0..rounds)
-                        .map(|_| {
-                            let start = std::time::Instant::now();
-                            f();
-                            start.elapsed().as_secs_f64()
-                        })
-                        .fold(f64::MAX, f64::min)
-                };
-                let f32_time = time(&|| run(picked));
-                let f16_time = time(&|| {
+                let f16_run = || {
                     for _ in 0..reps {
                         linear_half_with(half, &x, &w, None, Activation::None).unwrap();
                     }
                     gpu.sync().unwrap();
-                });
+                };
+                let once = |f: &dyn Fn()| {
+                    let start = std::time::Instant::now();
+                    f();
+                    start.elapsed().as_secs_f64()
+                };
+                f16_run(); // compiles the pipeline
+                           // Interleaved, as above: the machine's drift hits both alike.
+                let (mut f32_time, mut f16_time) = (f64::MAX, f64::MAX);
+                for _ in 0..rounds {
+                    f32_time = f32_time.min(once(&|| run(picked)));
+                    f16_time = f16_time.min(once(&f16_run));
+                }
                 eprintln!(
                     "{name} with f16 weights: {half:?} {:.2} GFLOP/s, {:.2}x the f32 {picked:?}",
                     flop / f16_time / 1e9,
