@@ -2,10 +2,11 @@
 # The device checks of issue 8, as one script for a machine with a GPU (see pack.sh, which builds the kit here):
 #   1. the adapter wgpu sees;
 #   2. the whole test suite on that GPU (every test binary, each under a time limit);
-#   3. the matmul kernels per model shape (register-blocked against workgroup-memory tiled);
+#   3. the matmul kernels per model shape (register-blocked, workgroup-memory tiled, f16 weights), and the
+#      inference attention unfused against the fused kernels;
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
-#      with the tiled matmul off, the teacher with f16 linear weights, then PyTorch eager on the same GPU (f32,
-#      and f16 for the teacher forward);
+#      with the tiled matmul off; the teacher with the unfused attention and with f16 linear weights; then
+#      PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
 #   5. one profiled run of each, for where the time goes.
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
 # back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
@@ -77,6 +78,11 @@ BENCH_ROUNDS=5 timeout 60 "$kit/bin/test-lib" --ignored --nocapture --exact \
     ops::matmul::tests::bench_kernels_model_shapes > "$logs/matmul.log" 2>&1
 grep "GFLOP" "$logs/matmul.log" >> "$summary"
 
+say "== 3b. attention for inference: unfused against the fused kernels (ms; GFLOP/s)"
+timeout 60 "$kit/bin/test-lib" --ignored --nocapture --exact ops::attention::tests::bench_attention_fused_vs_unfused \
+    > "$logs/attention.log" 2>&1
+grep "attention B=" "$logs/attention.log" >> "$summary"
+
 say "== 4. whole workloads"
 teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
@@ -92,6 +98,10 @@ for tiled in default 0; do
     say "wgpu-mlkd (tiled matmul: $tiled): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
 train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 done
+log=$logs/ours-unfused-attention.log
+WGPU_MLKD_NO_FUSED_ATTENTION=1 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 5 > "$log" 2>&1
+say "wgpu-mlkd, unfused attention: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
+$(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 log=$logs/ours-f16.log
 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 5 --f16 > "$log" 2>&1
 say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \

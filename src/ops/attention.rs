@@ -37,12 +37,45 @@ use super::matmul::{matmul_accumulate_into, matmul_into, MatDims, View};
 use super::softmax::{softmax_backward_at, softmax_rows_at, MaskRef};
 use crate::gpu::{DType, Gpu, Shader, Tensor};
 
-/// The fused inference kernel (needs subgroups of exactly 8 invocations; see [`self_attention_fused`]).
+/// The fused inference kernel for adapters with subgroups of exactly 8 invocations (see [`self_attention_fused`]).
 static SG_SHADER: Shader = crate::shader!("attention_sg");
-/// The head dimension the fused kernel is written for (wav2vec2 base and large: 768 / 12, 1024 / 16).
+/// The portable fused inference kernel (workgroup memory), for GPUs without subgroups of 8.
+static SHADER: Shader = crate::shader!("attention");
+/// The head dimension the fused kernels are written for (wav2vec2 base and large: 768 / 12, 1024 / 16).
 pub const FUSED_HEAD_DIM: usize = 64;
-/// Query rows per workgroup of the fused kernel (one per lane of a subgroup), as in the shader.
-const FUSED_ROWS: usize = 8;
+
+/// Which fused attention kernel runs ([`fused_kernel_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FusedKernel {
+    /// `shaders/attention_sg.wgsl`: 8 query rows per subgroup of 8, keys broadcast (lavapipe).
+    Subgroup,
+    /// `shaders/attention.wgsl`: 64 query rows per workgroup, keys and values staged in workgroup memory.
+    Portable,
+}
+
+impl FusedKernel {
+    /// (shader, entry point, query rows per workgroup), as in the shaders.
+    fn kernel(self) -> (&'static Shader, &'static str, usize) {
+        match self {
+            FusedKernel::Subgroup => (&SG_SHADER, "attention_sg_forward", 8),
+            FusedKernel::Portable => (&SHADER, "attention_fused_forward", 64),
+        }
+    }
+}
+
+/// The fused kernel for this adapter, if any: the subgroup one where subgroups have 8 invocations, the
+/// portable one on other hardware GPUs (on CPU drivers without subgroups of 8 the unfused path is kept:
+/// their workgroup memory is ordinary memory behind barriers). Unmeasured on GPUs so far: the issue-8 kit
+/// times the teacher with `WGPU_MLKD_NO_FUSED_ATTENTION=1` against it.
+pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
+    if gpu.subgroups_of_8() {
+        Some(FusedKernel::Subgroup)
+    } else if gpu.is_hardware_gpu() {
+        Some(FusedKernel::Portable)
+    } else {
+        None
+    }
+}
 
 /// Default limit on the probabilities one [`self_attention_train`] call keeps for its backward.
 pub const DEFAULT_MAX_SAVED_BYTES: u64 = 256 << 20;
@@ -55,9 +88,9 @@ pub fn self_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, key_mask
 }
 
 /// True when [`self_attention_fused`] can run `heads` heads over a model dimension `d` on this adapter:
-/// subgroups of exactly 8 invocations and a head dimension of [`FUSED_HEAD_DIM`].
+/// a fused kernel for it ([`fused_kernel_for`]) and a head dimension of [`FUSED_HEAD_DIM`].
 pub fn fused_attention_supported(gpu: &Gpu, d: usize, heads: usize) -> bool {
-    gpu.subgroups_of_8() && heads > 0 && d == heads * FUSED_HEAD_DIM
+    fused_kernel_for(gpu).is_some() && heads > 0 && d == heads * FUSED_HEAD_DIM
 }
 
 /// Whether [`self_attention_inference`] may take the fused kernel: unset `WGPU_MLKD_NO_FUSED_ATTENTION`
@@ -97,12 +130,28 @@ pub fn self_attention_fused(
     heads: usize,
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let Some(kernel) = fused_kernel_for(q.gpu()) else {
+        bail!("fused attention: needs subgroups of exactly 8 invocations or a hardware GPU");
+    };
+    self_attention_fused_with(kernel, q, k, v, heads, key_mask)
+}
+
+/// [`self_attention_fused`] with the kernel given (tests run the portable one on every adapter).
+pub fn self_attention_fused_with(
+    kernel: FusedKernel,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let what = "fused attention";
     let (b, t, d) = check_inputs(what, q, k, v, heads, key_mask)?;
     let gpu = q.gpu();
-    if !gpu.subgroups_of_8() {
-        bail!("{what}: needs an adapter with subgroups of exactly 8 invocations");
+    if kernel == FusedKernel::Subgroup && !gpu.subgroups_of_8() {
+        bail!("{what}: the subgroup kernel needs an adapter with subgroups of exactly 8 invocations");
     }
+    let (shader, entry, rows) = kernel.kernel();
     if d != heads * FUSED_HEAD_DIM {
         bail!("{what}: needs a head dimension of {FUSED_HEAD_DIM}, got D = {d} over {heads} heads");
     }
@@ -113,7 +162,7 @@ pub fn self_attention_fused(
     if (b * t * d) as u128 > u32::MAX as u128 {
         bail!("{what}: [B, T, D] = [{b}, {t}, {d}] is beyond 32-bit indexing");
     }
-    let blocks = t.div_ceil(FUSED_ROWS);
+    let blocks = t.div_ceil(rows);
     let groups = b as u128 * heads as u128 * blocks as u128;
     if groups > u32::MAX as u128 {
         bail!("{what}: {groups} workgroups is too many for one dispatch");
@@ -132,8 +181,8 @@ pub fn self_attention_fused(
         scaling.to_bits(),
     ];
     gpu.dispatch(
-        &SG_SHADER,
-        "attention_sg_forward",
+        shader,
+        entry,
         &[q.buffer(), k.buffer(), v.buffer(), mask_buf, out.buffer()],
         &params,
         groups as u32,
@@ -952,12 +1001,25 @@ mod tests {
     #[test]
     fn fused_matches_reference_and_unfused() {
         let gpu = test_gpu();
-        if !gpu.subgroups_of_8() {
-            eprintln!("fused attention: skipped, the adapter has no subgroups of 8");
-            return;
+        // The portable kernel runs on every adapter (forced here); the subgroup one where it can.
+        let mut kernels = vec![FusedKernel::Portable];
+        if gpu.subgroups_of_8() {
+            kernels.push(FusedKernel::Subgroup);
         }
-        // T around and not multiples of the 8-row / 8-key blocks; masks: none, ragged, one item all padded.
-        for (b, heads, t) in [(1, 1, 1), (2, 2, 7), (1, 1, 8), (2, 3, 9), (3, 2, 37), (2, 1, 130)] {
+        // T around and not multiples of the 8- and 64-row, 8- and 32-key blocks; masks: none, ragged, one item
+        // all padded.
+        for (kernel, (b, heads, t)) in kernels.iter().flat_map(|&k| {
+            [
+                (1, 1, 1),
+                (2, 2, 7),
+                (1, 1, 8),
+                (2, 3, 9),
+                (3, 2, 37),
+                (2, 1, 130),
+                (1, 2, 65),
+            ]
+            .map(|c| (k, c))
+        }) {
             let d = heads * FUSED_HEAD_DIM;
             let c = case(1200 + (b * 1000 + heads * 100 + t) as u64, b, t, d);
             let mut all_padded = vec![1u32; b * t];
@@ -965,11 +1027,11 @@ mod tests {
             let masks = [None, Some(ragged_mask(b, t)), Some(all_padded)];
             for (mi, mask) in masks.iter().enumerate() {
                 let tm = mask.as_ref().map(|m| Tensor::from_u32(gpu, m, &[b, t]).unwrap());
-                let got = self_attention_fused(&c.tq, &c.tk, &c.tv, heads, tm.as_ref())
+                let got = self_attention_fused_with(kernel, &c.tq, &c.tk, &c.tv, heads, tm.as_ref())
                     .unwrap()
                     .to_vec()
                     .unwrap();
-                let name = format!("fused attention b={b} heads={heads} t={t} mask {mi}");
+                let name = format!("fused attention ({kernel:?}) b={b} heads={heads} t={t} mask {mi}");
                 let want = reference::self_attention(&c.q, &c.k, &c.v, b, t, d, heads, mask.as_deref());
                 assert_close(&name, &got, &want, Tol::KERNEL);
                 let unfused = self_attention(&c.tq, &c.tk, &c.tv, heads, tm.as_ref())
@@ -992,7 +1054,7 @@ mod tests {
         let err = self_attention_fused(&c.tq, &c.tk, &c.tv, 3, None)
             .unwrap_err()
             .to_string();
-        let want = if gpu.subgroups_of_8() {
+        let want = if fused_kernel_for(gpu).is_some() {
             "head dimension of 64"
         } else {
             "subgroups"
@@ -1007,50 +1069,57 @@ mod tests {
         assert!(y == want);
     }
 
-    /// Fused and unfused inference attention interleaved (best of 5 each) for B = 1, 12 heads of 64 and
-    /// T = 49, 149, 499 (prints, never asserts; --ignored).
+    /// Unfused and fused inference attention (each fused kernel this adapter can run) interleaved, best of 5
+    /// each, for B = 1, 12 heads of 64 and T = 49, 149, 499 (prints, never asserts; --ignored).
     #[test]
     #[ignore]
     fn bench_attention_fused_vs_unfused() {
         let gpu = test_gpu();
-        if !gpu.subgroups_of_8() {
-            eprintln!("fused attention: skipped, the adapter has no subgroups of 8");
-            return;
-        }
         let ts: Vec<usize> = std::env::var("BENCH_T")
             .map(|s| s.split(',').map(|x| x.parse().unwrap()).collect())
             .unwrap_or(vec![49, 149, 499]);
         for t in ts {
             let (b, d, heads) = (1, 768, 12);
             let c = case(600 + t as u64, b, t, d);
-            let run = |fused: bool| {
+            // None: unfused; then each fused kernel.
+            let run = |kernel: Option<FusedKernel>| {
                 let start = std::time::Instant::now();
-                let y = if fused {
-                    self_attention_fused(&c.tq, &c.tk, &c.tv, heads, None)
-                } else {
-                    self_attention(&c.tq, &c.tk, &c.tv, heads, None)
+                let y = match kernel {
+                    Some(k) => self_attention_fused_with(k, &c.tq, &c.tk, &c.tv, heads, None),
+                    None => self_attention(&c.tq, &c.tk, &c.tv, heads, None),
                 };
                 y.unwrap();
                 gpu.sync().unwrap();
                 start.elapsed().as_secs_f64()
             };
-            run(false); // compiles the pipelines
-            run(true);
-            let (mut unfused, mut fused) = (f64::MAX, f64::MAX);
+            let mut kernels = vec![None, Some(FusedKernel::Portable)];
+            if gpu.subgroups_of_8() {
+                kernels.push(Some(FusedKernel::Subgroup));
+            }
+            for &k in &kernels {
+                run(k); // compiles the pipelines
+            }
+            let mut best = vec![f64::MAX; kernels.len()];
             for _ in 0..5 {
-                unfused = unfused.min(run(false));
-                fused = fused.min(run(true));
+                for (i, &k) in kernels.iter().enumerate() {
+                    best[i] = best[i].min(run(k));
+                }
             }
             let flop = 4.0 * (b * heads * t * t * (d / heads)) as f64;
-            eprintln!(
-                "attention B={b} T={t} D={d} heads={heads}: unfused {:.2} ms ({:.2} GFLOP/s), fused {:.2} ms \
-                 ({:.2} GFLOP/s), fused / unfused speed {:.2}x",
-                unfused * 1e3,
-                flop / unfused / 1e9,
-                fused * 1e3,
-                flop / fused / 1e9,
-                unfused / fused
-            );
+            let line: Vec<String> = kernels
+                .iter()
+                .zip(&best)
+                .map(|(k, &s)| {
+                    let name = k.map_or("unfused".to_string(), |k| format!("{k:?}"));
+                    format!(
+                        "{name} {:.2} ms ({:.2} GFLOP/s, {:.2}x)",
+                        s * 1e3,
+                        flop / s / 1e9,
+                        best[0] / s
+                    )
+                })
+                .collect();
+            eprintln!("attention B={b} T={t} D={d} heads={heads}: {}", line.join(", "));
         }
     }
 
