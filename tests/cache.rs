@@ -297,6 +297,39 @@ fn resume_after_a_crash_is_identical_to_an_uninterrupted_run() {
     }
 }
 
+/// `--f16-weights`: the manifest and `cache-show` say so, and the targets stay within the f16-weight bound of
+/// the f32 teacher's (1e-3 of the largest value, as `extract --f16`).
+#[test]
+fn f16_weight_caches_are_recorded_and_close_to_f32() {
+    let data = good_data("f16w-data");
+    let (c32, c16) = (temp("f16w-f32"), temp("f16w-f16"));
+    ok(run_s(&cache_teacher(&data, &c32, &["--dtype", "f32"])));
+    let o = run_s(&cache_teacher(&data, &c16, &["--dtype", "f32", "--f16-weights"]));
+    if stderr(&o).contains("cannot unpack f16") {
+        eprintln!("skipped: this adapter cannot unpack f16 in shaders");
+        return;
+    }
+    ok(o);
+    let (a, h) = (TeacherCache::open(&c32).unwrap(), TeacherCache::open(&c16).unwrap());
+    assert!(!a.manifest().teacher.f16_weights && h.manifest().teacher.f16_weights);
+    let mut worst = 0f64;
+    for id in a.utterance_ids() {
+        for l in [1, 2, 3] {
+            let (x, y) = (a.targets(id, l).unwrap(), h.targets(id, l).unwrap());
+            let max_ref = x.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f64, |m, (p, q)| m.max((*p as f64 - *q as f64).abs()));
+            worst = worst.max(err / max_ref);
+        }
+    }
+    eprintln!("f16-weight cache vs f32: max |err| / max |ref| = {worst:.2e}");
+    assert!(worst > 0.0 && worst <= 1e-3, "{worst}");
+    let show = String::from_utf8_lossy(&ok(run(&["cache-show", p(&c16)])).stdout).into_owned();
+    assert!(show.contains("f16 linear weights"), "{show}");
+}
+
 #[test]
 fn stale_damaged_and_foreign_caches_are_refused() {
     let data = good_data("stale-data");
@@ -314,6 +347,7 @@ fn stale_damaged_and_foreign_caches_are_refused() {
     stale(&["--dtype", "f32"], "dtype");
     stale(&["--shard", "0/2"], "--shard");
     stale(&["--no-normalize"], "normalisation");
+    stale(&["--f16-weights"], "linear weights f32 vs f16");
     let mut other = cache_teacher(&data, &out, &[]);
     other[2] = p(&fixture("stable_layer")).to_string();
     fails_with(run_s(&other), &["stale", "config.json SHA-256"]);
@@ -495,6 +529,7 @@ fn the_reader_maps_the_cache_instead_of_loading_it() {
         receptive_field: 400,
         total_stride: 320,
         normalize: true,
+        f16_weights: false,
     };
     let mut m = Manifest::new(teacher, layers.clone(), CacheDType::F32, None);
     let values: Vec<f32> = (0..frames * d).map(|i| (i % 1000) as f32 * 1e-3).collect();

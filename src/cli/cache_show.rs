@@ -39,10 +39,11 @@ pub fn run(_cli: &Cli, args: &Args) -> Result<()> {
         m.version
     );
     println!(
-        "teacher:      {} layers, hidden size {}, input {}normalised",
+        "teacher:      {} layers, hidden size {}, input {}normalised, {} linear weights",
         t.num_hidden_layers,
         t.hidden_size,
-        if t.normalize { "" } else { "not " }
+        if t.normalize { "" } else { "not " },
+        if t.f16_weights { "f16" } else { "f32" }
     );
     println!("  config:     sha256 {}", t.config_sha256);
     println!("  weights:    sha256 {}", t.weights_sha256);
@@ -104,6 +105,10 @@ pub fn run(_cli: &Cli, args: &Args) -> Result<()> {
             ("frames".to_string(), frames.to_string()),
             ("sample_rate".to_string(), m.sample_rate.to_string()),
             ("normalized".to_string(), t.normalize.to_string()),
+            (
+                "teacher_linear_weights".to_string(),
+                if t.f16_weights { "f16" } else { "f32" }.to_string(),
+            ),
             ("cached_dtype".to_string(), m.dtype.to_string()),
             ("id".to_string(), id.clone()),
             ("audio_sha256".to_string(), entry.audio_sha256.clone()),

@@ -46,6 +46,10 @@ pub struct Args {
     /// Stored precision (f16 halves the size; its error against f32 is stated in README)
     #[arg(long, default_value = "f16", value_name = "f16|f32")]
     dtype: CacheDType,
+    /// Run the teacher with its linear weights in f16 (as `extract --f16`: less GPU memory, faster on lavapipe;
+    /// the targets move by up to about 1e-3 of their largest value; recorded in the manifest)
+    #[arg(long)]
+    f16_weights: bool,
     /// Leave out files that cannot be cached (listed, and recorded in the manifest) instead of stopping
     #[arg(long)]
     skip_bad: bool,
@@ -385,7 +389,8 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
         (_, true) => false,
         _ => teacher_normalizes(&args.teacher)?,
     };
-    let (teacher, cfg) = TeacherInfo::from_dir(&args.teacher, normalize)?;
+    let (mut teacher, cfg) = TeacherInfo::from_dir(&args.teacher, normalize)?;
+    teacher.f16_weights = args.f16_weights;
     let n_layers = cfg.num_hidden_layers;
     let mut layers = match &args.layers {
         Some(spec) => super::extract::parse_layers(spec, n_layers)?,
@@ -558,7 +563,11 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
             too_long.join("\n  ")
         );
     }
-    model.freeze()?;
+    if args.f16_weights {
+        model.freeze_half()?;
+    } else {
+        model.freeze()?;
+    }
     install_interrupt_handler();
     let plan = plan_shards(&todo_bytes, args.max_shard_utterances, max_shard_bytes);
     let progress = indicatif::ProgressBar::new(todo_samples);

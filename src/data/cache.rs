@@ -102,6 +102,10 @@ pub struct TeacherInfo {
     pub total_stride: usize,
     /// Whether the waveform was normalised to zero mean, unit variance before the forward.
     pub normalize: bool,
+    /// Whether the teacher ran with its linear weights in f16 (`cache-teacher --f16-weights`; absent in
+    /// caches written before the option: f32).
+    #[serde(default)]
+    pub f16_weights: bool,
 }
 
 impl TeacherInfo {
@@ -124,6 +128,7 @@ impl TeacherInfo {
             receptive_field: config.receptive_field(),
             total_stride: config.total_stride(),
             normalize,
+            f16_weights: false,
         };
         Ok((info, config))
     }
@@ -374,6 +379,14 @@ impl Manifest {
         }
         if a.normalize != b.normalize {
             out.push(format!("input normalisation {} vs {}", a.normalize, b.normalize));
+        }
+        if a.f16_weights != b.f16_weights {
+            let show = |f16: bool| if f16 { "f16" } else { "f32" };
+            out.push(format!(
+                "teacher linear weights {} vs {} (--f16-weights)",
+                show(a.f16_weights),
+                show(b.f16_weights)
+            ));
         }
         if a != b && out.is_empty() {
             out.push("teacher description differs".into());
@@ -913,6 +926,7 @@ mod tests {
             receptive_field: 60,
             total_stride: 40,
             normalize: true,
+            f16_weights: false,
         }
     }
 

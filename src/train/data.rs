@@ -626,6 +626,7 @@ mod tests {
             receptive_field: model.receptive_field(),
             total_stride: model.total_stride(),
             normalize: true,
+            f16_weights: false,
         };
         let mut m = Manifest::new(info, LAYERS.to_vec(), CacheDType::F32, None);
         for (i, p) in plan.iter().enumerate() {
