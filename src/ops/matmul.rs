@@ -5,7 +5,10 @@
 //! in elements), so attention reads per-head slices of `[T, D]` Q/K/V buffers and writes the per-head output
 //! straight into its columns, with no permute copies (K^T is just a stride choice).
 //! The kernel is picked by layout: A and B contiguous along k (linear layers, Q K^T) take a vec4 path, B
-//! contiguous along n (P V) another, everything else a scalar strided path. All compute the same sums.
+//! contiguous along n (P V) another, everything else a scalar strided path; then by adapter
+//! ([`choose_kernel_for`]): subgroup kernels where subgroups have 8 invocations (lavapipe), 64 x 64 tiles staged
+//! in workgroup memory on other hardware GPUs, 4 x 4 register blocks elsewhere. All compute the same sums, bit
+//! for bit. [`linear_half`] runs the same kernels over weights stored in f16 ([`HalfWeight`]).
 
 use std::sync::LazyLock;
 
