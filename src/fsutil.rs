@@ -43,6 +43,23 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// A size in the largest binary unit that keeps the number at least 1 (`300 B`, `1.5 MiB`, `52.0 GiB`), for
+/// messages about files, disks and GPU memory.
+pub fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
 /// Writes `bytes` to `path` atomically. On any error (a full disk included) the temporary file is removed
 /// and an existing `path` is left untouched.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -146,7 +146,7 @@ fn a_frozen_model_is_bit_identical_and_packs_nothing_per_forward() {
     }
 }
 
-/// f16 linear weights (`freeze_half`, `--f16`) against transformers' f32 hidden states. The weights' rounding
+/// f16 linear weights (`freeze_with(true)`, `--f16`) against transformers' f32 hidden states. The weights' rounding
 /// (at most 2^-11 of each) is the only new error; in these random 2-4 layer models it reaches 1.8e-4 to 2.7e-4
 /// of the largest activation (every layer), so the bound is 1e-3 (ten times the f32 bound). The frozen model
 /// also holds less GPU memory with f16 linears than without.
@@ -168,7 +168,7 @@ fn f16_weights_stay_within_their_bound_of_transformers() {
         let f32_bytes = g.memory().0;
         drop(model);
         let mut model = Wav2Vec2::load(&g, &dir).unwrap();
-        model.freeze_half().unwrap();
+        model.freeze_with(true).unwrap();
         let half_bytes = g.memory().0;
         eprintln!("{name}: frozen model {f32_bytes} bytes on the GPU, {half_bytes} with f16 linears");
         assert!(half_bytes < f32_bytes, "{name}: the f16 model holds no less memory");

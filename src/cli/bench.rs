@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use super::Cli;
+use crate::fsutil::human_bytes;
 use crate::gpu::{Gpu, Tensor, PROFILE_ENV};
 use crate::model::student::{default_target_layers, Student};
 use crate::model::{Wav2Vec2, Wav2Vec2Config};
@@ -75,10 +76,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
 fn print_header(gpu: &Gpu) {
     let a = gpu.adapter();
     println!("adapter: {} ({}, {})", a.name, a.backend, a.device_type);
@@ -131,11 +128,7 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize, 
     print_header(&gpu);
     // Frozen, as cache-teacher and the SER upstreams run it (convolution weights packed once).
     let mut model = Wav2Vec2::load(&gpu, dir)?;
-    if f16 {
-        model.freeze_half()?;
-    } else {
-        model.freeze()?;
-    }
+    model.freeze_with(f16)?;
     let cfg: &Wav2Vec2Config = &model.config;
     if cfg.frames(samples) == 0 {
         bail!("{seconds} s is shorter than one frame of this teacher");
@@ -166,7 +159,7 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize, 
         "median of {repeat}: {t:.4} s -> {:.2} GFLOP/s effective",
         flops / t / 1e9
     );
-    println!("peak GPU bytes: {peak} ({})", mib(peak));
+    println!("peak GPU bytes: {peak} ({})", human_bytes(peak));
     print_profile(&gpu, repeat);
     println!("teacher_forward_seconds_per_audio_second={:.6}", t / seconds);
     Ok(())
@@ -244,7 +237,7 @@ fn bench_train(
         "median of {repeat}: {time:.4} s -> {:.2} GFLOP/s effective",
         flops / time / 1e9
     );
-    println!("peak GPU bytes: {peak} ({})", mib(peak));
+    println!("peak GPU bytes: {peak} ({})", human_bytes(peak));
     print_profile(&gpu, repeat);
     println!("student_train_step_seconds={time:.6}");
     Ok(())

@@ -24,7 +24,7 @@ use crate::data::cache::{
 };
 use crate::data::dataset::{Dataset, Utterance};
 use crate::data::wav;
-use crate::fsutil::{is_lock_file, OutputLock};
+use crate::fsutil::{human_bytes, is_lock_file, OutputLock};
 use crate::gpu::{DType, Tensor};
 use crate::model::{teacher_normalizes, Wav2Vec2, Wav2Vec2Config};
 
@@ -138,17 +138,6 @@ fn load(path: &Path, cfg: &Wav2Vec2Config, normalize: bool) -> Result<(String, V
         bail!("{}: sample {i} is {} after resampling", path.display(), samples[i]);
     }
     Ok((sha, samples))
-}
-
-fn gib(bytes: u64) -> String {
-    let b = bytes as f64;
-    if b >= (1u64 << 30) as f64 {
-        format!("{:.2} GiB", b / (1u64 << 30) as f64)
-    } else if b >= (1u64 << 20) as f64 {
-        format!("{:.1} MiB", b / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KiB", b / 1024.0)
-    }
 }
 
 /// Bytes available to us on the file system holding `dir` (None where unknown).
@@ -516,9 +505,9 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
         t_scan.elapsed().as_secs_f64(),
         manifest.layers,
         manifest.dtype,
-        gib(cached_bytes + todo_total),
-        gib(todo_total),
-        free.map_or(String::new(), |f| format!(", {} free", gib(f)))
+        human_bytes(cached_bytes + todo_total),
+        human_bytes(todo_total),
+        free.map_or(String::new(), |f| format!(", {} free", human_bytes(f)))
     );
     let max_shard_bytes = (args.max_shard_mb as u64) << 20;
     if let Some(free) = free {
@@ -529,8 +518,8 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
                 "not enough disk space for the cache in {}: about {} more is needed, {} is free; free some \
                  space or choose another --out (nothing was computed)",
                 args.out.display(),
-                gib(need),
-                gib(free)
+                human_bytes(need),
+                human_bytes(free)
             );
         }
     }
@@ -563,11 +552,7 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
             too_long.join("\n  ")
         );
     }
-    if args.f16_weights {
-        model.freeze_half()?;
-    } else {
-        model.freeze()?;
-    }
+    model.freeze_with(args.f16_weights)?;
     install_interrupt_handler();
     let plan = plan_shards(&todo_bytes, args.max_shard_utterances, max_shard_bytes);
     let progress = indicatif::ProgressBar::new(todo_samples);
@@ -706,7 +691,7 @@ fn run_locked(cli: &Cli, args: &Args, held: &mut Option<HeldOutput>) -> Result<(
         args.out.display(),
         manifest.utterances.len(),
         manifest.shards.len(),
-        gib(total_bytes),
+        human_bytes(total_bytes),
         if manifest.skipped.is_empty() {
             String::new()
         } else {

@@ -721,11 +721,7 @@ pub fn run(cli: &Cli, args: &Args) -> Result<()> {
     } else {
         let mut teacher = Wav2Vec2::load(&gpu, &args.teacher)?;
         // The validation teacher runs as the cache's did (f16 linear weights if it was made with them).
-        if manifest.teacher.f16_weights {
-            teacher.freeze_half()?;
-        } else {
-            teacher.freeze()?;
-        }
+        teacher.freeze_with(manifest.teacher.f16_weights)?;
         let bar = bar(
             (val_ids.len() * val_snrs.len()) as u64,
             "{spinner} teacher on the validation inputs {pos}/{len} [{elapsed_precise}] ETA {eta}",

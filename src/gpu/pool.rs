@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use anyhow::{bail, Result};
 
+use crate::fsutil::human_bytes;
+
 /// The environment variable that caps the GPU memory a process's buffer pool may hold.
 pub const MEMORY_LIMIT_ENV: &str = "WGPU_MLKD_GPU_MEMORY_LIMIT";
 
@@ -33,22 +35,6 @@ pub fn parse_size(text: &str) -> Result<u64> {
         bail!("{text:?}: expected a size of at least 1 byte, such as 512MiB or 4GiB");
     }
     Ok(bytes as u64)
-}
-
-/// Bytes in the largest binary unit that keeps the number at least 1 (`1.5 MiB`, `300 B`).
-fn human(bytes: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", units[unit])
-    }
 }
 
 pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
@@ -99,7 +85,7 @@ impl BufferPool {
             if allocated + class > limit {
                 return Err(format!(
                     "over the limit of {limit} bytes ({}) set by {MEMORY_LIMIT_ENV}",
-                    human(limit)
+                    human_bytes(limit)
                 ));
             }
         }
@@ -150,8 +136,8 @@ impl BufferPool {
                         bail!(
                             "GPU out of memory allocating {class} bytes ({}) with {} in use by live tensors ({why}); \
                              use shorter audio, a smaller --batch or a GPU with more memory",
-                            human(class),
-                            human(in_use)
+                            human_bytes(class),
+                            human_bytes(in_use)
                         );
                     }
                     return self.acquire(bytes);

@@ -63,14 +63,23 @@ impl FusedKernel {
     }
 }
 
+/// Workgroup memory of the portable kernel: a block of 32 key rows and 32 value rows of 64 floats, and 32
+/// validity flags (`kb`, `vb`, `valid` in the shader). Just over WebGPU's guaranteed 16 KiB.
+const PORTABLE_WORKGROUP_BYTES: u32 = 2 * 32 * 64 * 4 + 32 * 4;
+
+/// Whether the adapter gives a workgroup the memory the portable kernel stages its blocks in.
+fn portable_fits(gpu: &Gpu) -> bool {
+    gpu.limits().max_compute_workgroup_storage_size >= PORTABLE_WORKGROUP_BYTES
+}
+
 /// The fused kernel for this adapter, if any: the subgroup one where subgroups have 8 invocations, the
-/// portable one on other hardware GPUs (on CPU drivers without subgroups of 8 the unfused path is kept:
-/// their workgroup memory is ordinary memory behind barriers). Unmeasured on GPUs so far: the issue-8 kit
-/// times the teacher with `WGPU_MLKD_NO_FUSED_ATTENTION=1` against it.
+/// portable one on other hardware GPUs with the workgroup memory it needs (on CPU drivers without subgroups
+/// of 8 the unfused path is kept: their workgroup memory is ordinary memory behind barriers). Unmeasured on
+/// GPUs so far: the issue-8 kit times the teacher with `WGPU_MLKD_NO_FUSED_ATTENTION=1` against it.
 pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
     if gpu.subgroups_of_8() {
         Some(FusedKernel::Subgroup)
-    } else if gpu.is_hardware_gpu() {
+    } else if gpu.is_hardware_gpu() && portable_fits(gpu) {
         Some(FusedKernel::Portable)
     } else {
         None
@@ -150,6 +159,13 @@ pub fn self_attention_fused_with(
     let gpu = q.gpu();
     if kernel == FusedKernel::Subgroup && !gpu.subgroups_of_8() {
         bail!("{what}: the subgroup kernel needs an adapter with subgroups of exactly 8 invocations");
+    }
+    if kernel == FusedKernel::Portable && !portable_fits(gpu) {
+        bail!(
+            "{what}: the portable kernel needs {PORTABLE_WORKGROUP_BYTES} bytes of workgroup memory, this adapter \
+             gives {}",
+            gpu.limits().max_compute_workgroup_storage_size
+        );
     }
     let (shader, entry, rows) = kernel.kernel();
     if d != heads * FUSED_HEAD_DIM {
@@ -1045,6 +1061,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The workgroup memory the portable kernel is chosen by is what its shader declares.
+    #[test]
+    fn portable_workgroup_memory_is_what_the_shader_declares() {
+        let module = naga::front::wgsl::parse_str(SHADER.source).unwrap();
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).unwrap();
+        let bytes: u32 = module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| layouter[g.ty].size)
+            .sum();
+        assert_eq!(bytes, PORTABLE_WORKGROUP_BYTES);
     }
 
     #[test]

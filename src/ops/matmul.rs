@@ -216,6 +216,16 @@ impl Kernel {
         matches!(self, Kernel::SgNt4(_) | Kernel::SgNn4(_) | Kernel::SgNt4F16b(_))
     }
 
+    /// The same kernel reading B as a [`HalfWeight`]'s packed f16 pairs (the nt4 layouts only).
+    fn with_f16_b(self) -> Option<Kernel> {
+        match self {
+            Kernel::Nt4 => Some(Kernel::Nt4F16b),
+            Kernel::TiledNt4 => Some(Kernel::TiledNt4F16b),
+            Kernel::SgNt4(t) => Some(Kernel::SgNt4F16b(t)),
+            _ => None,
+        }
+    }
+
     /// B is a [`HalfWeight`]'s packed f16 pairs instead of f32.
     fn b_is_f16(self) -> bool {
         matches!(self, Kernel::Nt4F16b | Kernel::TiledNt4F16b | Kernel::SgNt4F16b(_))
@@ -600,7 +610,8 @@ pub fn linear_gelu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// A linear layer's weight `[out, in]` stored as f16 (round to nearest even), two per u32, for inference with
 /// half the weight memory and bandwidth. The products and sums stay f32 ([`linear_half`]): the only error is
 /// the weights' rounding, at most 2^-11 of each weight, so `|y - y_f32| <= 2^-11 * sum_p |x_p w_jp|` plus f32
-/// rounding (tested). Needs no adapter feature (WGSL's `unpack2x16float`); `in` must be a multiple of 4.
+/// rounding (tested). Needs an adapter that can unpack f16 in shaders ([`crate::gpu::Gpu::unpacks_f16`]: WGSL's
+/// `unpack2x16float`, every native backend); `in` must be a multiple of 4.
 #[derive(Clone, Debug)]
 pub struct HalfWeight {
     packed: Tensor,
@@ -627,8 +638,8 @@ impl HalfWeight {
         }
         if !w.gpu().unpacks_f16() {
             bail!(
-                "{what}: this adapter ({}) cannot unpack f16 in shaders (lavapipe needs shader-f16: Mesa 23 or \
-                 newer); run in f32",
+                "{what}: this adapter ({}) cannot unpack f16 in shaders (lavapipe needs shader-f16, which \
+                 Mesa 25's has); run in f32",
                 w.gpu().adapter().name
             );
         }
@@ -665,25 +676,28 @@ impl HalfWeight {
     }
 }
 
-/// The kernel for `x W^T` with an f16 `W` of `dims`: as [`choose_kernel_for`] picks for the f32 weight.
-fn choose_half_kernel(gpu: &crate::gpu::Gpu, dims: MatDims) -> Kernel {
-    if dims.m >= TILED_MIN_DIM && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
-        Kernel::TiledNt4F16b
-    } else if gpu.subgroups_of_8() {
-        Kernel::SgNt4F16b(if dims.n >= SG_WIDE_MIN_N {
-            SgTile::WIDE
-        } else {
-            SgTile::ONE
-        })
-    } else {
-        Kernel::Nt4F16b
-    }
+/// The kernel for `x W^T` with an f16 `W`: the one [`choose_kernel_for`] picks for the f32 weight, reading f16.
+fn choose_half_kernel(gpu: &crate::gpu::Gpu, w: &HalfWeight, dims: MatDims) -> Result<Kernel> {
+    let (_, x_view, w_view) = half_views(w, dims);
+    let kernel = choose_kernel_for(gpu, x_view, w_view, dims);
+    kernel
+        .with_f16_b()
+        .ok_or_else(|| anyhow::anyhow!("linear_half: no f16-weight variant of {kernel:?} for {dims:?}"))
+}
+
+/// The (y, x, W^T) views of `x W^T` over `dims.m` rows.
+fn half_views(w: &HalfWeight, dims: MatDims) -> (View, View, View) {
+    (
+        View::row_major(dims.m, w.out),
+        View::row_major(dims.m, w.inp),
+        View::transposed(w.inp, w.out),
+    )
 }
 
 /// [`linear`] (or [`linear_gelu`] with `act`) with an f16 weight.
 pub fn linear_half(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
     let dims = half_dims(x, w, bias)?;
-    linear_half_with(choose_half_kernel(x.gpu(), dims), x, w, bias, act)
+    linear_half_with(choose_half_kernel(x.gpu(), w, dims)?, x, w, bias, act)
 }
 
 fn half_dims(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>) -> Result<MatDims> {
@@ -725,12 +739,18 @@ pub(crate) fn linear_half_with(
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("x has a last dimension") = w.out;
     let y = Tensor::empty(x.gpu(), &shape, DType::F32)?;
-    let views = (
-        View::row_major(dims.m, w.out),
-        View::row_major(dims.m, w.inp),
-        View::transposed(w.inp, w.out),
-    );
-    launch(kernel, &y, x, &w.packed, views, dims, bias, 1.0, act, false)?;
+    launch(
+        kernel,
+        &y,
+        x,
+        &w.packed,
+        half_views(w, dims),
+        dims,
+        bias,
+        1.0,
+        act,
+        false,
+    )?;
     Ok(y)
 }
 
@@ -2141,7 +2161,7 @@ mod tests {
             if name.starts_with("linear") && gpu.unpacks_f16() {
                 let x = a.reshape(&[m, k]).unwrap();
                 let w = HalfWeight::from_f32(&b.reshape(&[n, k]).unwrap(), "bench").unwrap();
-                let half = choose_half_kernel(gpu, dims);
+                let half = choose_half_kernel(gpu, &w, dims).unwrap();
                 let f16_run = || {
                     for _ in 0..reps {
                         linear_half_with(half, &x, &w, None, Activation::None).unwrap();
@@ -2153,8 +2173,8 @@ mod tests {
                     f();
                     start.elapsed().as_secs_f64()
                 };
-                f16_run(); // compiles the pipeline
-                           // Interleaved, as above: the machine's drift hits both alike.
+                // Compile the pipeline, then time interleaved, as above: the machine's drift hits both alike.
+                f16_run();
                 let (mut f32_time, mut f16_time) = (f64::MAX, f64::MAX);
                 for _ in 0..rounds {
                     f32_time = f32_time.min(once(&|| run(picked)));
