@@ -20,7 +20,8 @@
 // All three accumulate every output in k order with fused multiply-adds, so they give bit-identical
 // results (and the chunking of attention cannot change a result).
 //   matmul_tiled_nt4_forward, matmul_tiled_nn4_forward: the nt4 and nn4 layouts with 64 x 64 tiles staged in
-//                       workgroup memory (further down), for GPUs where that beats the caches.
+//                       workgroup memory (further down), for GPUs where that beats the caches;
+//   matmul_tiled8_nt4_forward, matmul_tiled8_nn4_forward: the same with 128 x 128 tiles, for large products.
 // Every kernel also exists with B (a weight) stored as f16: see the "B loads" block below.
 // Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
 // linear workgroup id is wg.x + wg.y * num_wg.x.
@@ -293,20 +294,41 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
     let ty = li / 16u;
     let tx = li % 16u;
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    // The next chunk's values are loaded into registers before the current chunk's multiply-adds, so their
+    // global-memory latency overlaps the arithmetic instead of stalling at the barrier.
+    var va = vec4<f32>(0.0);
+    var vb = vec4<f32>(0.0);
+    if (lq < mp.k) { // k % 4 == 0: a quad is wholly inside or outside
+        va = mm_a4[a_row + lq / 4u];
+        vb = load_b4(b_col + lq / 4u);
+    }
     for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
-        var va = vec4<f32>(0.0);
-        var vb = vec4<f32>(0.0);
-        if (k0 + lq < mp.k) { // k % 4 == 0: a quad is wholly inside or outside
-            va = mm_a4[a_row + (k0 + lq) / 4u];
-            vb = load_b4(b_col + (k0 + lq) / 4u);
-        }
         stage_a_along_k(lr, lq, va);
         stage_b_along_k(lr, lq, vb);
         workgroupBarrier();
+        let next = k0 + WT_K + lq;
+        va = vec4<f32>(0.0);
+        vb = vec4<f32>(0.0);
+        if (next < mp.k) {
+            va = mm_a4[a_row + next / 4u];
+            vb = load_b4(b_col + next / 4u);
+        }
         tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
         workgroupBarrier();
     }
     store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);
+}
+
+// Four k steps p0..p0+3 of one A row (any strides; zero past k).
+fn tiled_nn4_load_a(a_row: u32, p0: u32) -> vec4<f32> {
+    var va = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        let p = p0 + c;
+        if (p < mp.k) {
+            va[c] = mm_a[a_row + p * mp.a_cs];
+        }
+    }
+    return va;
 }
 
 // B contiguous along n (the layout of matmul_nn4_forward); A with any strides.
@@ -329,25 +351,206 @@ fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
     let ty = li / 16u;
     let tx = li % 16u;
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    // Loads one step ahead of the multiply-adds, as in matmul_tiled_nt4_forward.
+    var va = tiled_nn4_load_a(a_row, lq);
+    var vb = vec4<f32>(0.0);
+    if (bp < mp.k) {
+        vb = load_b4(b_quad + bp * brs);
+    }
     for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
-        var va = vec4<f32>(0.0);
-        for (var c = 0u; c < 4u; c++) {
-            let p = k0 + lq + c;
-            if (p < mp.k) {
-                va[c] = mm_a[a_row + p * mp.a_cs];
-            }
-        }
         stage_a_along_k(lr, lq, va);
-        var vb = vec4<f32>(0.0);
-        if (k0 + bp < mp.k) {
-            vb = load_b4(b_quad + (k0 + bp) * brs);
-        }
         wt_b[bp * 16u + bq] = vb;
         workgroupBarrier();
+        let next = k0 + WT_K;
+        va = tiled_nn4_load_a(a_row, next + lq);
+        vb = vec4<f32>(0.0);
+        if (next + bp < mp.k) {
+            vb = load_b4(b_quad + (next + bp) * brs);
+        }
         tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
         workgroupBarrier();
     }
     store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);
+}
+
+// ---- 128 x 128 tiles (Kernel::Tiled8* in src/ops/matmul.rs), for large products on GPUs ----
+// A workgroup of 16 x 16 invocations computes a 128 x 128 tile of C; each invocation four 4 x 4 blocks, at rows
+// 4 ty.. and 64 + 4 ty.. and columns 4 tx.. and 64 + 4 tx.. (so that neighbouring invocations read adjacent
+// vec4 of the staged tiles): 64 multiply-adds per four vec4 reads of workgroup memory, twice the reuse of the
+// 64 x 64 kernels, and each staged element serves 128 of them. Staged as there (transposed, WT8_K k steps per
+// chunk, the next chunk loaded into registers during the multiply-adds); same k order and fused multiply-adds,
+// so the results are bit-identical to every other kernel here.
+
+const WT8: u32 = 128u;
+const WT8_K: u32 = 16u;
+
+var<workgroup> w8_a: array<vec4<f32>, 512>; // (WT8_K, WT8 / 4): A rows 4q..4q+3 at k step p in [p * 32 + q]
+var<workgroup> w8_b: array<vec4<f32>, 512>; // (WT8_K, WT8 / 4): B columns 4q..4q+3 likewise
+
+fn tiled8_origin(wg: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
+    let wid = wg.x + wg.y * nwg.x;
+    let per_batch = mp.tiles_m * mp.tiles_n;
+    let r = wid % per_batch;
+    return vec3<u32>(wid / per_batch, (r / mp.tiles_n) * WT8, (r % mp.tiles_n) * WT8);
+}
+
+fn stage8_a(row: u32, p0: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        w8_a[(p0 + c) * 32u + row / 4u][row % 4u] = v[c];
+    }
+}
+
+fn stage8_b(col: u32, p0: u32, v: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        w8_b[(p0 + c) * 32u + col / 4u][col % 4u] = v[c];
+    }
+}
+
+// acc[2 r + h]: row r of the invocation's 8 (0..3 at 4 ty.., 4..7 at 64 + 4 ty..), column half h.
+fn tiled8_chunk(kn: u32, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 16>>) {
+    for (var p = 0u; p < kn; p++) {
+        let x0 = w8_a[p * 32u + ty];
+        let x1 = w8_a[p * 32u + 16u + ty];
+        let y0 = w8_b[p * 32u + tx];
+        let y1 = w8_b[p * 32u + 16u + tx];
+        (*acc)[0] = fma(vec4<f32>(x0.x), y0, (*acc)[0]);
+        (*acc)[1] = fma(vec4<f32>(x0.x), y1, (*acc)[1]);
+        (*acc)[2] = fma(vec4<f32>(x0.y), y0, (*acc)[2]);
+        (*acc)[3] = fma(vec4<f32>(x0.y), y1, (*acc)[3]);
+        (*acc)[4] = fma(vec4<f32>(x0.z), y0, (*acc)[4]);
+        (*acc)[5] = fma(vec4<f32>(x0.z), y1, (*acc)[5]);
+        (*acc)[6] = fma(vec4<f32>(x0.w), y0, (*acc)[6]);
+        (*acc)[7] = fma(vec4<f32>(x0.w), y1, (*acc)[7]);
+        (*acc)[8] = fma(vec4<f32>(x1.x), y0, (*acc)[8]);
+        (*acc)[9] = fma(vec4<f32>(x1.x), y1, (*acc)[9]);
+        (*acc)[10] = fma(vec4<f32>(x1.y), y0, (*acc)[10]);
+        (*acc)[11] = fma(vec4<f32>(x1.y), y1, (*acc)[11]);
+        (*acc)[12] = fma(vec4<f32>(x1.z), y0, (*acc)[12]);
+        (*acc)[13] = fma(vec4<f32>(x1.z), y1, (*acc)[13]);
+        (*acc)[14] = fma(vec4<f32>(x1.w), y0, (*acc)[14]);
+        (*acc)[15] = fma(vec4<f32>(x1.w), y1, (*acc)[15]);
+    }
+}
+
+fn tiled8_store(o: vec3<u32>, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 16>>) {
+    let r0 = o.y + 4u * ty;
+    let c0 = o.z + 4u * tx;
+    store_block(vec3<u32>(o.x, r0, c0), (*acc)[0], (*acc)[2], (*acc)[4], (*acc)[6]);
+    store_block(vec3<u32>(o.x, r0, c0 + 64u), (*acc)[1], (*acc)[3], (*acc)[5], (*acc)[7]);
+    store_block(vec3<u32>(o.x, r0 + 64u, c0), (*acc)[8], (*acc)[10], (*acc)[12], (*acc)[14]);
+    store_block(vec3<u32>(o.x, r0 + 64u, c0 + 64u), (*acc)[9], (*acc)[11], (*acc)[13], (*acc)[15]);
+}
+
+// A and B contiguous along k (the layout of matmul_nt4_forward).
+@compute @workgroup_size(256)
+fn matmul_tiled8_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) li: u32) {
+    let o = tiled8_origin(wg, nwg);
+    if (o.x >= mp.batch) {
+        return; // uniform across the workgroup
+    }
+    // Loading role: row (or column) li / 2 of the tile, k steps lq..lq+7 of the chunk (two vec4).
+    let lr = li / 2u;
+    let lq = (li % 2u) * 8u;
+    let a_row = (mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_col = (mp.b_off + o.x * mp.b_bs + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
+    let ty = li / 16u;
+    let tx = li % 16u;
+    var acc: array<vec4<f32>, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    var va0 = vec4<f32>(0.0);
+    var va1 = vec4<f32>(0.0);
+    var vb0 = vec4<f32>(0.0);
+    var vb1 = vec4<f32>(0.0);
+    if (lq < mp.k) { // k % 4 == 0: a quad is wholly inside or outside
+        va0 = mm_a4[a_row + lq / 4u];
+        vb0 = load_b4(b_col + lq / 4u);
+    }
+    if (lq + 4u < mp.k) {
+        va1 = mm_a4[a_row + lq / 4u + 1u];
+        vb1 = load_b4(b_col + lq / 4u + 1u);
+    }
+    for (var k0 = 0u; k0 < mp.k; k0 += WT8_K) {
+        stage8_a(lr, lq, va0);
+        stage8_a(lr, lq + 4u, va1);
+        stage8_b(lr, lq, vb0);
+        stage8_b(lr, lq + 4u, vb1);
+        workgroupBarrier();
+        let next = k0 + WT8_K + lq;
+        va0 = vec4<f32>(0.0);
+        va1 = vec4<f32>(0.0);
+        vb0 = vec4<f32>(0.0);
+        vb1 = vec4<f32>(0.0);
+        if (next < mp.k) {
+            va0 = mm_a4[a_row + next / 4u];
+            vb0 = load_b4(b_col + next / 4u);
+        }
+        if (next + 4u < mp.k) {
+            va1 = mm_a4[a_row + next / 4u + 1u];
+            vb1 = load_b4(b_col + next / 4u + 1u);
+        }
+        tiled8_chunk(min(WT8_K, mp.k - k0), ty, tx, &acc);
+        workgroupBarrier();
+    }
+    tiled8_store(o, ty, tx, &acc);
+}
+
+// B contiguous along n (the layout of matmul_nn4_forward); A with any strides.
+@compute @workgroup_size(256)
+fn matmul_tiled8_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                             @builtin(local_invocation_index) li: u32) {
+    let o = tiled8_origin(wg, nwg);
+    if (o.x >= mp.batch) {
+        return;
+    }
+    // A: row li / 2, k steps lq..lq+7 of the chunk, scalar loads. B: k steps bp and bp + 8 of the chunk,
+    // columns 4 bq.. (n % 4 == 0: a quad past the edge is clamped to the last one, never stored).
+    let lr = li / 2u;
+    let lq = (li % 2u) * 8u;
+    let a_row = mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs;
+    let bp = li / 32u;
+    let bq = li % 32u;
+    let b_quad = (mp.b_off + o.x * mp.b_bs + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
+    let brs = mp.b_rs / 4u;
+    let ty = li / 16u;
+    let tx = li % 16u;
+    var acc: array<vec4<f32>, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    var va0 = tiled_nn4_load_a(a_row, lq);
+    var va1 = tiled_nn4_load_a(a_row, lq + 4u);
+    var vb0 = vec4<f32>(0.0);
+    var vb1 = vec4<f32>(0.0);
+    if (bp < mp.k) {
+        vb0 = load_b4(b_quad + bp * brs);
+    }
+    if (bp + 8u < mp.k) {
+        vb1 = load_b4(b_quad + (bp + 8u) * brs);
+    }
+    for (var k0 = 0u; k0 < mp.k; k0 += WT8_K) {
+        stage8_a(lr, lq, va0);
+        stage8_a(lr, lq + 4u, va1);
+        w8_b[bp * 32u + bq] = vb0;
+        w8_b[(bp + 8u) * 32u + bq] = vb1;
+        workgroupBarrier();
+        let next = k0 + WT8_K;
+        va0 = tiled_nn4_load_a(a_row, next + lq);
+        va1 = tiled_nn4_load_a(a_row, next + lq + 4u);
+        vb0 = vec4<f32>(0.0);
+        vb1 = vec4<f32>(0.0);
+        if (next + bp < mp.k) {
+            vb0 = load_b4(b_quad + (next + bp) * brs);
+        }
+        if (next + bp + 8u < mp.k) {
+            vb1 = load_b4(b_quad + (next + bp + 8u) * brs);
+        }
+        tiled8_chunk(min(WT8_K, mp.k - k0), ty, tx, &acc);
+        workgroupBarrier();
+    }
+    tiled8_store(o, ty, tx, &acc);
 }
 
 // ---- Bias gradient of a linear layer: column sums db[j] = sum_r dy[r, j] over R rows of N. ----

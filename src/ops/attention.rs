@@ -72,18 +72,13 @@ fn portable_fits(gpu: &Gpu) -> bool {
     gpu.limits().max_compute_workgroup_storage_size >= PORTABLE_WORKGROUP_BYTES
 }
 
-/// The fused kernel for this adapter, if any: the subgroup one where subgroups have 8 invocations, the
-/// portable one on other hardware GPUs with the workgroup memory it needs (on CPU drivers without subgroups
-/// of 8 the unfused path is kept: their workgroup memory is ordinary memory behind barriers). Unmeasured on
-/// GPUs so far: the issue-8 kit times the teacher with `WGPU_MLKD_NO_FUSED_ATTENTION=1` against it.
+/// The fused kernel [`self_attention_inference`] takes on this adapter, if any: the subgroup one where
+/// subgroups have 8 invocations (lavapipe, where it beats the unfused path). Never the portable one: on an
+/// H100 it ran at 0.24-0.58x of the unfused path (T = 499..49; benches/RESULTS.md, "H100"), whose matmuls
+/// fill the GPU where 64 query rows per workgroup leave most of it idle (96 workgroups for 12 heads at
+/// T = 499). It stays for [`self_attention_fused_with`] and its tests, and for a GPU where it may win.
 pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
-    if gpu.subgroups_of_8() {
-        Some(FusedKernel::Subgroup)
-    } else if gpu.is_hardware_gpu() && portable_fits(gpu) {
-        Some(FusedKernel::Portable)
-    } else {
-        None
-    }
+    gpu.subgroups_of_8().then_some(FusedKernel::Subgroup)
 }
 
 /// Default limit on the probabilities one [`self_attention_train`] call keeps for its backward.
@@ -140,7 +135,7 @@ pub fn self_attention_fused(
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let Some(kernel) = fused_kernel_for(q.gpu()) else {
-        bail!("fused attention: needs subgroups of exactly 8 invocations or a hardware GPU");
+        bail!("fused attention: no fused kernel is chosen on this adapter (the subgroup one needs subgroups of exactly 8 invocations)");
     };
     self_attention_fused_with(kernel, q, k, v, heads, key_mask)
 }

@@ -17,6 +17,8 @@ use anyhow::{bail, Result};
 use crate::gpu::{DType, Shader, Tensor};
 
 static SHADER: Shader = crate::shader!("matmul");
+/// Split-K's second pass ([`split_k_for`]).
+static SPLIT_K_SHADER: Shader = crate::shader!("matmul_split_k");
 /// Kernels that need subgroups of exactly 8 invocations; compiled only on such adapters.
 static SG_SHADER: Shader = crate::shader!("matmul_sg");
 /// The two modules above with B stored as f16 ([`HalfWeight`]; [`f16_weight_module`]). They need
@@ -47,6 +49,8 @@ pub fn f16_weight_module(source: &str) -> String {
 const TILE: usize = 32;
 /// Rows (and columns) of C per workgroup of the workgroup-memory kernels, as `WT` in the shader.
 const TILED: usize = 64;
+/// The same for the 128 x 128 ones, as `WT8` in the shader.
+const TILED8: usize = 128;
 const FLAG_BIAS: u32 = 1;
 const FLAG_GELU: u32 = 2;
 const FLAG_ACCUMULATE: u32 = 4;
@@ -152,9 +156,13 @@ pub enum Kernel {
     TiledNt4,
     /// The layout of `Nn4`, 64 x 64 tiles staged in workgroup memory.
     TiledNn4,
-    /// `Nt4`, `TiledNt4` and `SgNt4` with B stored as f16 ([`HalfWeight`]; `linear_half`).
+    /// The layouts of `Nt4` and `Nn4` with 128 x 128 tiles (8 x 8 outputs per invocation), for large products.
+    Tiled8Nt4,
+    Tiled8Nn4,
+    /// `Nt4`, `TiledNt4`, `Tiled8Nt4` and `SgNt4` with B stored as f16 ([`HalfWeight`]; `linear_half`).
     Nt4F16b,
     TiledNt4F16b,
+    Tiled8Nt4F16b,
     SgNt4F16b(SgTile),
 }
 
@@ -186,9 +194,12 @@ impl Kernel {
             Kernel::SgNn4(_) => "matmul_sg_nn4_forward",
             Kernel::TiledNt4 => "matmul_tiled_nt4_forward",
             Kernel::TiledNn4 => "matmul_tiled_nn4_forward",
+            Kernel::Tiled8Nt4 => "matmul_tiled8_nt4_forward",
+            Kernel::Tiled8Nn4 => "matmul_tiled8_nn4_forward",
             // The same entry points in the f16-weight modules.
             Kernel::Nt4F16b => "matmul_nt4_forward",
             Kernel::TiledNt4F16b => "matmul_tiled_nt4_forward",
+            Kernel::Tiled8Nt4F16b => "matmul_tiled8_nt4_forward",
             Kernel::SgNt4F16b(_) => "matmul_sg_nt4_forward",
         }
     }
@@ -199,6 +210,7 @@ impl Kernel {
             Kernel::General | Kernel::Nt4 | Kernel::Nn4 | Kernel::Nt4F16b => (TILE, TILE),
             Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) => (8 * t.rows as usize, 32 * t.cols as usize),
             Kernel::TiledNt4 | Kernel::TiledNn4 | Kernel::TiledNt4F16b => (TILED, TILED),
+            Kernel::Tiled8Nt4 | Kernel::Tiled8Nn4 | Kernel::Tiled8Nt4F16b => (TILED8, TILED8),
         }
     }
 
@@ -221,6 +233,7 @@ impl Kernel {
         match self {
             Kernel::Nt4 => Some(Kernel::Nt4F16b),
             Kernel::TiledNt4 => Some(Kernel::TiledNt4F16b),
+            Kernel::Tiled8Nt4 => Some(Kernel::Tiled8Nt4F16b),
             Kernel::SgNt4(t) => Some(Kernel::SgNt4F16b(t)),
             _ => None,
         }
@@ -228,7 +241,10 @@ impl Kernel {
 
     /// B is a [`HalfWeight`]'s packed f16 pairs instead of f32.
     fn b_is_f16(self) -> bool {
-        matches!(self, Kernel::Nt4F16b | Kernel::TiledNt4F16b | Kernel::SgNt4F16b(_))
+        matches!(
+            self,
+            Kernel::Nt4F16b | Kernel::TiledNt4F16b | Kernel::Tiled8Nt4F16b | Kernel::SgNt4F16b(_)
+        )
     }
 
     fn shader(self) -> &'static Shader {
@@ -301,13 +317,34 @@ pub(crate) fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
     forced.unwrap_or_else(|| gpu.is_hardware_gpu() && !gpu.subgroups_of_8())
 }
 
+/// The environment variable that picks the tiles of the workgroup-memory kernels (`64` or `128`) instead of
+/// [`large_tiles_wanted`]'s rule, for measuring on a new GPU.
+pub const TILE_ENV: &str = "WGPU_MLKD_MATMUL_TILE";
+
+/// Whether a product on the tiled kernels takes the 128 x 128 tiles: `WGPU_MLKD_MATMUL_TILE` if set, else
+/// when they alone give [`SPLIT_K_MIN_GROUPS`] workgroups (the feature encoder's first convolutions); smaller
+/// products keep the 64 x 64 tiles, which leave a large GPU fewer idle compute units.
+fn large_tiles_wanted(dims: MatDims) -> bool {
+    use std::sync::OnceLock;
+    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var(TILE_ENV).ok()?.trim() {
+        "128" => Some(true),
+        "64" => Some(false),
+        _ => None,
+    });
+    forced.unwrap_or_else(|| dims.batch * dims.m.div_ceil(TILED8) * dims.n.div_ceil(TILED8) >= SPLIT_K_MIN_GROUPS)
+}
+
 /// [`choose_kernel`], then the variant for this adapter: the workgroup-memory tiled kernels where
 /// [`tiled_wanted`] and the product is at least 64 x 64, else the subgroup kernels where the adapter has
 /// subgroups of 8, with a workgroup shape that fits the product's width.
 pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims) -> Kernel {
     let kernel = choose_kernel(a, b, dims);
     if dims.m >= TILED_MIN_DIM && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
+        let large = large_tiles_wanted(dims);
         match kernel {
+            Kernel::Nt4 if large => return Kernel::Tiled8Nt4,
+            Kernel::Nn4 if large => return Kernel::Tiled8Nn4,
             Kernel::Nt4 => return Kernel::TiledNt4,
             Kernel::Nn4 => return Kernel::TiledNn4,
             _ => {}
@@ -326,6 +363,67 @@ pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims)
         Kernel::Nn4 => Kernel::SgNn4(tile),
         other => other,
     }
+}
+
+/// The environment variable that forces split-K (`N`: k cut into N slices where k % (4 N) == 0; `1` or `0`:
+/// never) instead of [`split_k_for`]'s rule, for measuring on a new GPU.
+pub const SPLIT_K_ENV: &str = "WGPU_MLKD_MATMUL_SPLIT_K";
+
+/// Split-K aims for at least this many workgroups: a large GPU runs one or two 256-invocation workgroups per
+/// compute unit at a time (an H100 has 132), and the linear layers of one utterance (a few hundred rows x 768
+/// columns: under 100 tiles of 64 x 64) leave most of it idle.
+const SPLIT_K_MIN_GROUPS: usize = 256;
+/// Each slice keeps at least this many k steps, so that its partial product (written once, read once by the
+/// second pass) stays small beside the arithmetic.
+const SPLIT_K_MIN_DEPTH: usize = 256;
+const SPLIT_K_MAX: usize = 8;
+
+/// Into how many k slices [`matmul_into_with`] cuts a product (1: not split). Only products on the tiled
+/// kernels (GPUs with shared memory) with one batch item and too few tiles to fill the GPU are split: the
+/// smallest number of slices that reaches [`SPLIT_K_MIN_GROUPS`] workgroups with slices of at least
+/// [`SPLIT_K_MIN_DEPTH`] k steps and k % (4 slices) == 0 (vec4 loads need each slice to start aligned).
+/// `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
+pub fn split_k_for(kernel: Kernel, dims: MatDims) -> usize {
+    use std::sync::OnceLock;
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| std::env::var(SPLIT_K_ENV).ok()?.trim().parse().ok());
+    split_k_count(kernel, dims, forced)
+}
+
+/// [`split_k_for`] with the override given (`None`: the rule).
+fn split_k_count(kernel: Kernel, dims: MatDims, forced: Option<usize>) -> usize {
+    let tiled = matches!(
+        kernel,
+        Kernel::TiledNt4
+            | Kernel::TiledNn4
+            | Kernel::TiledNt4F16b
+            | Kernel::Tiled8Nt4
+            | Kernel::Tiled8Nn4
+            | Kernel::Tiled8Nt4F16b
+    );
+    if !tiled || dims.batch != 1 {
+        return 1;
+    }
+    if let Some(s) = forced {
+        return if s > 1 && split_k_fits(dims.k, s) { s } else { 1 };
+    }
+    let (tile_m, tile_n) = kernel.tile();
+    let tiles = dims.m.div_ceil(tile_m) * dims.n.div_ceil(tile_n);
+    let mut best = 1;
+    for s in 2..=SPLIT_K_MAX {
+        if tiles * best >= SPLIT_K_MIN_GROUPS || dims.k / s < SPLIT_K_MIN_DEPTH {
+            break;
+        }
+        if split_k_fits(dims.k, s) {
+            best = s;
+        }
+    }
+    best
+}
+
+/// Whether k can be cut into `s` equal slices that each start on a vec4 boundary.
+fn split_k_fits(k: usize, s: usize) -> bool {
+    k % (4 * s) == 0
 }
 
 /// True when no two (batch, row, col) positions of the view share an element: sorted by stride, every
@@ -398,7 +496,9 @@ pub fn matmul_into_with(
     act: Activation,
 ) -> Result<()> {
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
-    matmul_with_kernel(kernel, out, out_view, a, a_view, b, b_view, dims, bias, alpha, act)
+    let views = (out_view, a_view, b_view);
+    let split = split_k_for(kernel, dims);
+    launch(kernel, split, out, a, b, views, dims, bias, alpha, act, false)
 }
 
 /// `C += alpha * A·B` over views (same rules as [`matmul_into`]). For sums built up chunk by chunk inside one
@@ -416,10 +516,24 @@ pub(crate) fn matmul_accumulate_into(
 ) -> Result<()> {
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
-    launch(kernel, out, a, b, views, dims, None, alpha, Activation::None, true)
+    let split = split_k_for(kernel, dims);
+    launch(
+        kernel,
+        split,
+        out,
+        a,
+        b,
+        views,
+        dims,
+        None,
+        alpha,
+        Activation::None,
+        true,
+    )
 }
 
-/// The launcher behind [`matmul_into_with`], with the kernel given (tests force the general path with it).
+/// [`matmul_into_with`] with the kernel given and never split (tests force the general path with it).
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_with_kernel(
     kernel: Kernel,
@@ -435,13 +549,15 @@ pub(crate) fn matmul_with_kernel(
     act: Activation,
 ) -> Result<()> {
     let views = (out_view, a_view, b_view);
-    launch(kernel, out, a, b, views, dims, bias, alpha, act, false)
+    launch(kernel, 1, out, a, b, views, dims, bias, alpha, act, false)
 }
 
-/// Checks and records one matmul; `views` are (C, A, B); `accumulate` adds C's previous contents.
+/// Checks and records one matmul; `views` are (C, A, B); `accumulate` adds C's previous contents; `split`
+/// > 1 cuts k into that many slices (split-K, see [`split_k_for`]; batch 1 and k % (4 split) == 0 only).
 #[allow(clippy::too_many_arguments)]
 fn launch(
     kernel: Kernel,
+    split: usize,
     out: &Tensor,
     a: &Tensor,
     b: &Tensor,
@@ -501,6 +617,27 @@ fn launch(
         b_view.normalized(batch, k.max(1), n),
         out_view.normalized(batch, m, n),
     );
+    if split > 1 {
+        if batch != 1 || !split_k_fits(k, split) {
+            bail!(
+                "matmul: split-K into {split} slices needs one batch item and k % {} == 0, got {dims:?}",
+                4 * split
+            );
+        }
+        return launch_split_k(
+            kernel,
+            split,
+            out,
+            a,
+            b,
+            (cv, av, bv),
+            dims,
+            bias,
+            alpha,
+            act,
+            accumulate,
+        );
+    }
     let (tile_m, tile_n) = kernel.tile();
     let tiles_m = m.div_ceil(tile_m);
     let tiles_n = n.div_ceil(tile_n);
@@ -548,6 +685,83 @@ fn launch(
         &[a.buffer(), b.buffer(), bias_buf, out.buffer()],
         &params,
         groups as u32,
+    )
+}
+
+/// Split-K over checked, normalized views: the `split` slices of k as a batch of partial products (alpha 1,
+/// no epilogue) into a scratch `[split, M, N]`, then `shaders/matmul_split_k.wgsl` adds them in order and
+/// applies the epilogue into C.
+#[allow(clippy::too_many_arguments)]
+fn launch_split_k(
+    kernel: Kernel,
+    split: usize,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    (cv, av, bv): (View, View, View),
+    dims: MatDims,
+    bias: Option<&Tensor>,
+    alpha: f32,
+    act: Activation,
+    accumulate: bool,
+) -> Result<()> {
+    let MatDims { m, n, k, .. } = dims;
+    let slice = k / split;
+    let partial = Tensor::empty(out.gpu(), &[split, m, n], DType::F32)?;
+    // Slice s of A is columns s*slice.., of B rows s*slice..: the batch stride steps along k.
+    let a_slices = View {
+        batch_stride: slice * av.col_stride,
+        ..av
+    };
+    let b_slices = View {
+        batch_stride: slice * bv.row_stride,
+        ..bv
+    };
+    let slices = MatDims {
+        batch: split,
+        m,
+        n,
+        k: slice,
+    };
+    let views = (View::row_major(m, n), a_slices, b_slices);
+    launch(
+        kernel,
+        1,
+        &partial,
+        a,
+        b,
+        views,
+        slices,
+        None,
+        1.0,
+        Activation::None,
+        false,
+    )?;
+    let flags = if bias.is_some() { FLAG_BIAS } else { 0 }
+        | if act == Activation::Gelu { FLAG_GELU } else { 0 }
+        | if accumulate { FLAG_ACCUMULATE } else { 0 };
+    let u = |x: usize| x as u32; // launch checked that C's view fits u32 indexing
+    let params = [
+        u(m),
+        u(n),
+        u(split),
+        u(cv.offset),
+        u(cv.row_stride),
+        u(cv.col_stride),
+        alpha.to_bits(),
+        flags,
+    ];
+    let elements = m * n;
+    if elements > u32::MAX as usize - 256 {
+        bail!("matmul: split-K over {m} x {n} outputs is beyond 32-bit indexing");
+    }
+    let bias_buf = bias.map_or(partial.buffer(), |t| t.buffer());
+    out.gpu().dispatch(
+        &SPLIT_K_SHADER,
+        "matmul_split_k_reduce",
+        &[partial.buffer(), bias_buf, out.buffer()],
+        &params,
+        elements.div_ceil(256) as u32,
     )
 }
 
@@ -697,7 +911,8 @@ fn half_views(w: &HalfWeight, dims: MatDims) -> (View, View, View) {
 /// [`linear`] (or [`linear_gelu`] with `act`) with an f16 weight.
 pub fn linear_half(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
     let dims = half_dims(x, w, bias)?;
-    linear_half_with(choose_half_kernel(x.gpu(), w, dims)?, x, w, bias, act)
+    let kernel = choose_half_kernel(x.gpu(), w, dims)?;
+    linear_half_split(kernel, split_k_for(kernel, dims), x, w, bias, act)
 }
 
 fn half_dims(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>) -> Result<MatDims> {
@@ -724,9 +939,21 @@ fn half_dims(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>) -> Result<MatDim
     })
 }
 
-/// [`linear_half`] with the kernel given (tests compare them).
+/// [`linear_half`] with the kernel given and never split (tests compare them).
+#[cfg(test)]
 pub(crate) fn linear_half_with(
     kernel: Kernel,
+    x: &Tensor,
+    w: &HalfWeight,
+    bias: Option<&Tensor>,
+    act: Activation,
+) -> Result<Tensor> {
+    linear_half_split(kernel, 1, x, w, bias, act)
+}
+
+fn linear_half_split(
+    kernel: Kernel,
+    split: usize,
     x: &Tensor,
     w: &HalfWeight,
     bias: Option<&Tensor>,
@@ -741,6 +968,7 @@ pub(crate) fn linear_half_with(
     let y = Tensor::empty(x.gpu(), &shape, DType::F32)?;
     launch(
         kernel,
+        split,
         &y,
         x,
         &w.packed,
@@ -1109,6 +1337,24 @@ mod tests {
         kernel: Option<Kernel>,
         tol: Tol,
     ) -> Vec<f32> {
+        let views = (cv, av, bv);
+        check_strided_split(name, seed, dims, views, with_bias, alpha, act, kernel, 1, tol)
+    }
+
+    /// [`check_strided`] with k cut into `split` slices (split-K; 1: one pass).
+    #[allow(clippy::too_many_arguments)]
+    fn check_strided_split(
+        name: &str,
+        seed: u64,
+        dims: MatDims,
+        (cv, av, bv): (View, View, View),
+        with_bias: bool,
+        alpha: f32,
+        act: Activation,
+        kernel: Option<Kernel>,
+        split: usize,
+        tol: Tol,
+    ) -> Vec<f32> {
         let MatDims { batch, m, n, k } = dims;
         let a_len = (av.last_index(batch, m, k) + 1) as usize + 3;
         let b_len = (bv.last_index(batch, k, n) + 1) as usize + 5;
@@ -1121,18 +1367,19 @@ mod tests {
         let tc = Tensor::empty(test_gpu(), &[c_len], DType::F32).unwrap();
         tc.fill(sentinel).unwrap();
         let kernel = kernel.unwrap_or_else(|| choose_kernel(av, bv, dims));
-        matmul_with_kernel(
+        let bias_t = with_bias.then_some(&tbias);
+        launch(
             kernel,
+            split,
             &tc,
-            cv,
             &ta,
-            av,
             &tb,
-            bv,
+            (cv, av, bv),
             dims,
-            with_bias.then_some(&tbias),
+            bias_t,
             alpha,
             act,
+            false,
         )
         .unwrap();
         let c = tc.to_vec().unwrap();
@@ -1148,7 +1395,12 @@ mod tests {
                 }
             }
         }
-        assert_close(&format!("{name} [{kernel:?}] {dims:?}"), &got, &want, tol);
+        assert_close(
+            &format!("{name} [{kernel:?}, split {split}] {dims:?}"),
+            &got,
+            &want,
+            tol,
+        );
         for (idx, v) in c.iter().enumerate() {
             if !inside[idx] {
                 assert_eq!(
@@ -1244,7 +1496,10 @@ mod tests {
 
     #[test]
     fn fast_paths_match_reference_and_general_path() {
-        for (s, &(m, n, k)) in [(1, 4, 4), (49, 130, 68), (67, 36, 132), (3, 4, 8)].iter().enumerate() {
+        for (s, &(m, n, k)) in [(1, 4, 4), (49, 130, 68), (67, 36, 132), (3, 4, 8), (133, 258, 52)]
+            .iter()
+            .enumerate()
+        {
             let batch = 3;
             let dims = MatDims { batch, m, n, k };
             // nt4: A row-major with padded rows, B = weight [n, k] (B transposed), offsets multiple of 4.
@@ -1278,7 +1533,11 @@ mod tests {
                 )
             });
             assert!(fast == general, "nt4 and general paths differ");
-            for other in SG_TILES.map(Kernel::SgNt4).into_iter().chain([Kernel::TiledNt4]) {
+            for other in SG_TILES
+                .map(Kernel::SgNt4)
+                .into_iter()
+                .chain([Kernel::TiledNt4, Kernel::Tiled8Nt4])
+            {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1320,7 +1579,11 @@ mod tests {
                 )
             });
             assert!(fast == general, "nn4 and general paths differ");
-            for other in SG_TILES.map(Kernel::SgNn4).into_iter().chain([Kernel::TiledNn4]) {
+            for other in SG_TILES
+                .map(Kernel::SgNn4)
+                .into_iter()
+                .chain([Kernel::TiledNn4, Kernel::Tiled8Nn4])
+            {
                 if other.needs_subgroups_of_8() && !test_gpu().subgroups_of_8() {
                     continue;
                 }
@@ -1922,7 +2185,7 @@ mod tests {
                 (w.out_features(), w.in_features(), w.bytes()),
                 (d_out, d_in, d_out * d_in * 2)
             );
-            let mut kernels = vec![Kernel::Nt4F16b, Kernel::TiledNt4F16b];
+            let mut kernels = vec![Kernel::Nt4F16b, Kernel::TiledNt4F16b, Kernel::Tiled8Nt4F16b];
             if gpu.subgroups_of_8() {
                 kernels.extend([Kernel::SgNt4F16b(SgTile::WIDE), Kernel::SgNt4F16b(SgTile::ONE)]);
             }
@@ -1993,6 +2256,106 @@ mod tests {
         let w = HalfWeight::from_f32(&Tensor::from_slice(gpu, &[0.0; 8], &[2, 4]).unwrap(), "w").unwrap();
         let x = Tensor::from_slice(gpu, &[0.0; 8], &[1, 8]).unwrap();
         assert!(linear_half(&x, &w, None, Activation::None).is_err());
+    }
+
+    #[test]
+    fn split_k_matches_reference_on_every_kernel() {
+        // m and n not multiples of any tile; k = 96 splits into 2, 3, 4 or 6 aligned slices (and 8: 12 each).
+        let (m, n, k) = (70, 100, 96);
+        let dims = MatDims { batch: 1, m, n, k };
+        // C written through a strided view (padded rows), so the second pass's indexing is checked too.
+        let cv = View::row_major(m, n + 3).at(5);
+        let nt = (View::row_major(m, k), View::transposed(k, n));
+        let nn = (View::row_major(m, k + 4).at(4), View::row_major(k, n));
+        let mut cases = vec![
+            (Kernel::Nt4, nt),
+            (Kernel::TiledNt4, nt),
+            (Kernel::Nn4, nn),
+            (Kernel::TiledNn4, nn),
+            (Kernel::Tiled8Nt4, nt),
+            (Kernel::Tiled8Nn4, nn),
+        ];
+        if test_gpu().subgroups_of_8() {
+            cases.push((Kernel::SgNt4(SgTile::WIDE), nt));
+            cases.push((Kernel::SgNn4(SgTile::ONE), nn));
+        }
+        for (kernel, (av, bv)) in cases {
+            for (i, split) in [2, 3, 4, 6, 8].into_iter().enumerate() {
+                let act = if i % 2 == 0 { Activation::Gelu } else { Activation::None };
+                let run = || {
+                    let views = (cv, av, bv);
+                    check_strided_split(
+                        "split-K",
+                        70,
+                        dims,
+                        views,
+                        i % 3 != 0,
+                        0.75,
+                        act,
+                        Some(kernel),
+                        split,
+                        Tol::KERNEL,
+                    )
+                };
+                let first = run();
+                assert!(run() == first, "split-K {kernel:?}/{split} is not deterministic");
+            }
+        }
+        // A split that does not cut k into aligned slices, or a batch, is refused with a clear error.
+        let (a, b) = (upload(&[0.0; 70 * 96]), upload(&[0.0; 96 * 100]));
+        let c = Tensor::empty(test_gpu(), &[70 * 100], DType::F32).unwrap();
+        let views = (View::row_major(m, n), nt.0, nt.1);
+        let err = launch(
+            Kernel::Nt4,
+            5,
+            &c,
+            &a,
+            &b,
+            views,
+            dims,
+            None,
+            1.0,
+            Activation::None,
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("k % 20 == 0"), "{err}");
+    }
+
+    #[test]
+    fn split_k_rule_fills_a_large_gpu_only_where_it_pays() {
+        let d = |m, n, k| MatDims { batch: 1, m, n, k };
+        let rule = |kernel, dims| split_k_count(kernel, dims, None);
+        // One utterance's linear layers on the tiled kernels: 8 x 12 = 96 tiles -> 3 slices (288 workgroups).
+        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 768)), 3);
+        assert_eq!(rule(Kernel::TiledNt4F16b, d(499, 768, 3072)), 3);
+        // 149 rows: 36 tiles; k = 768 stops at 3 slices of 256, k = 3072 reaches 8 (288 workgroups).
+        assert_eq!(rule(Kernel::TiledNt4, d(149, 768, 768)), 3);
+        assert_eq!(rule(Kernel::TiledNt4, d(149, 768, 3072)), 8);
+        // Enough tiles already (FFN up, the feature encoder's convolutions), shallow k, batches, other kernels.
+        assert_eq!(rule(Kernel::TiledNt4, d(499, 3072, 768)), 1);
+        assert_eq!(rule(Kernel::TiledNn4, d(15999, 512, 1536)), 1);
+        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 400)), 1);
+        assert_eq!(
+            rule(
+                Kernel::TiledNt4,
+                MatDims {
+                    batch: 12,
+                    m: 499,
+                    n: 499,
+                    k: 64
+                }
+            ),
+            1
+        );
+        assert_eq!(rule(Kernel::Nt4, d(499, 768, 768)), 1);
+        // k that 4 s does not divide skips that s: 516 = 4 * 129 only splits into 3 slices (of 172 < 256: none).
+        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 516)), 1);
+        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 1020)), 3);
+        // The override: exactly N where it fits, else one pass.
+        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 3072, 768), Some(4)), 4);
+        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 768, 768), Some(5)), 1);
+        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 768, 768), Some(1)), 1);
     }
 
     #[test]
@@ -2074,6 +2437,24 @@ mod tests {
                 View::transposed(768, 768),
             ),
             (
+                "linear 499x768->3072",
+                d(1, 499, 3072, 768),
+                rm(499, 768),
+                View::transposed(768, 3072),
+            ),
+            (
+                "linear 499x3072->768",
+                d(1, 499, 768, 3072),
+                rm(499, 3072),
+                View::transposed(3072, 768),
+            ),
+            (
+                "linear 198x768->768",
+                d(1, 198, 768, 768),
+                rm(198, 768),
+                View::transposed(768, 768),
+            ),
+            (
                 "dx 298x3072->768 (nn)",
                 d(1, 298, 768, 3072),
                 rm(298, 3072),
@@ -2090,13 +2471,35 @@ mod tests {
             .into_iter()
             .map(|(name, d, a, b)| (name.to_string(), d, a, b))
             .collect();
+        // The feature encoder's 512-channel convolutions (kernel 3, stride 2) as strided matmuls, as
+        // conv1d's matmul route runs them: rows are receptive fields of the channels-last input.
+        for t_out in [15999, 3999] {
+            let windows = View {
+                offset: 0,
+                batch_stride: 0,
+                row_stride: 2 * 512,
+                col_stride: 1,
+            };
+            let weight = View {
+                batch_stride: 0,
+                ..rm(1536, 512)
+            };
+            cases.push((
+                format!("conv {t_out}x1536->512 (nn)"),
+                d(1, t_out, 512, 1536),
+                windows,
+                weight,
+            ));
+        }
         for t in [49, 149, 499] {
             cases.push((format!("QK^T 12x{t}x{t}x64"), d(12, t, t, 64), head, head.t()));
             cases.push((format!("PV 12x{t}x64x{t}"), d(12, t, 64, t), rm(t, t), head));
         }
-        // BENCH_ONLY=<part of a case name> picks cases; BENCH_ROUNDS the rounds (default 5).
+        // BENCH_ONLY=<part of a case name> picks cases; BENCH_ROUNDS the rounds (default 5); BENCH_MIN_GFLOP
+        // the work per timing (default 0.2; a fast GPU needs ~20 for the submission's latency not to count).
         let only = std::env::var("BENCH_ONLY").ok();
         let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(5, |r| r.parse().unwrap());
+        let min_flop = 1e9 * std::env::var("BENCH_MIN_GFLOP").map_or(0.2, |r| r.parse::<f64>().unwrap());
         for (name, dims, av, bv) in cases {
             if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
                 continue;
@@ -2114,27 +2517,42 @@ mod tests {
                 SgTile { rows: 2, cols: 1 },
                 SgTile::ONE,
             ];
-            let mut kernels = vec![chosen];
-            match chosen {
-                Kernel::Nt4 => kernels.push(Kernel::TiledNt4),
-                Kernel::Nn4 => kernels.push(Kernel::TiledNn4),
-                _ => {}
+            // (kernel, split-K slices)
+            let mut kernels = vec![(chosen, 1)];
+            let tiled = match chosen {
+                Kernel::Nt4 => Some(Kernel::TiledNt4),
+                Kernel::Nn4 => Some(Kernel::TiledNn4),
+                _ => None,
+            };
+            let tiled8 = match chosen {
+                Kernel::Nt4 => Some(Kernel::Tiled8Nt4),
+                Kernel::Nn4 => Some(Kernel::Tiled8Nn4),
+                _ => None,
+            };
+            for tiled in [tiled, tiled8].into_iter().flatten() {
+                kernels.push((tiled, 1));
+                let splits = [2, 3, 4, 6, 8]
+                    .into_iter()
+                    .filter(|&s| batch == 1 && split_k_fits(k, s));
+                kernels.extend(splits.map(|s| (tiled, s)));
             }
             if gpu.subgroups_of_8() {
                 match chosen {
-                    Kernel::Nt4 => kernels.extend(sg_tiles.map(Kernel::SgNt4)),
-                    Kernel::Nn4 => kernels.extend(sg_tiles.map(Kernel::SgNn4)),
+                    Kernel::Nt4 => kernels.extend(sg_tiles.map(|t| (Kernel::SgNt4(t), 1))),
+                    Kernel::Nn4 => kernels.extend(sg_tiles.map(|t| (Kernel::SgNn4(t), 1))),
                     _ => {}
                 }
             }
             let picked = choose_kernel_for(gpu, av, bv, dims);
+            let picked = (picked, split_k_for(picked, dims));
             let flop = 2.0 * (batch * m * n * k) as f64;
             // Small products are recorded several times per submission (as inside a model forward), so that
-            // one submission's latency does not count as kernel time: at least ~200 MFLOP per timing.
-            let reps = (2e8 / flop).ceil().max(1.0) as usize;
-            let run = |kern: Kernel| {
+            // one submission's latency does not count as kernel time: at least BENCH_MIN_GFLOP per timing.
+            let reps = (min_flop / flop).ceil().max(1.0) as usize;
+            let run = |(kern, split): (Kernel, usize)| {
                 for _ in 0..reps {
-                    matmul_with_kernel(kern, &c, cv, &a, av, &b, bv, dims, None, 1.0, Activation::None).unwrap();
+                    let views = (cv, av, bv);
+                    launch(kern, split, &c, &a, &b, views, dims, None, 1.0, Activation::None, false).unwrap();
                 }
                 gpu.sync().unwrap();
             };
@@ -2153,7 +2571,14 @@ mod tests {
             let line: Vec<String> = kernels
                 .iter()
                 .zip(&best)
-                .map(|(kern, t)| format!("{kern:?} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t))
+                .map(|((kern, split), t)| {
+                    let split = if *split > 1 {
+                        format!("/split{split}")
+                    } else {
+                        String::new()
+                    };
+                    format!("{kern:?}{split} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t)
+                })
                 .collect();
             eprintln!("{name} (picked {picked:?}, {reps} per submission): {}", line.join(", "));
             // The linear layers again with the weight in f16 (the kernel linear_half picks), against the
@@ -2164,7 +2589,7 @@ mod tests {
                 let half = choose_half_kernel(gpu, &w, dims).unwrap();
                 let f16_run = || {
                     for _ in 0..reps {
-                        linear_half_with(half, &x, &w, None, Activation::None).unwrap();
+                        linear_half_split(half, picked.1, &x, &w, None, Activation::None).unwrap();
                     }
                     gpu.sync().unwrap();
                 };

@@ -894,7 +894,24 @@ mod tests {
         let (wdx, wdg, wdb) = reference::layer_norm_backward(&to_f64(&dyv), &to_f64(&xv), c, &to_f64(&gv), 1e-5);
         let got = [dx.to_vec().unwrap(), dg.to_vec().unwrap(), db.to_vec().unwrap()];
         assert_eq!((dx.shape(), dg.shape(), db.shape()), (shape, &[c][..], &[c][..]));
-        assert_close(&format!("{name} dx"), &got[0], &wdx, Tol::KERNEL);
+        // dx = rstd (dn - mean(dn) - xhat mean(dn xhat)) with dn = dy gamma: judged against the size of dn rstd,
+        // the terms it subtracts. Usually that is about max |dx|; where the terms cancel exactly (one channel:
+        // dx = 0) a GPU that fuses dy * gamma into the subtraction leaves that product's rounding error (an H100
+        // gave 6e-6 for C = 1), which is all f32 can promise there.
+        let dn_scale = (0..n)
+            .map(|i| (dyv[i] as f64 * gv[i % c] as f64).abs() * want_stats[2 * (i / c) + 1])
+            .fold(0f64, f64::max);
+        let max_ref = wdx.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let dx_err = got[0]
+            .iter()
+            .zip(&wdx)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        let dx_rel = dx_err / max_ref.max(dn_scale);
+        eprintln!("{name} dx: max |err| / max(max |ref|, max |dy gamma| rstd) = {dx_rel:.3e} (tolerance 1e-5)");
+        assert!(
+            dx_rel <= Tol::KERNEL.rel && got[0].iter().all(|v| v.is_finite()),
+            "{name} dx: {dx_rel:.3e}"
+        );
         assert_close(&format!("{name} dgamma"), &got[1], &wdg, Tol::KERNEL);
         assert_close(&format!("{name} dbeta"), &got[2], &wdb, Tol::KERNEL);
         got
