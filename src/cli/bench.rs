@@ -87,10 +87,17 @@ fn print_header(gpu: &Gpu) {
     }
 }
 
-/// The per-kernel profile of the timed runs, when profiling.
+/// The per-kernel profile of the timed runs, when profiling, and the GPU's busy time per run where the adapter
+/// has timestamp queries.
 fn print_profile(gpu: &Gpu, repeat: usize) {
     if let Some(report) = gpu.profile_report() {
         println!("kernel profile, summed over the {repeat} timed run(s):\n{report}");
+    }
+    if let Some(seconds) = gpu.profile_gpu_seconds() {
+        println!(
+            "GPU busy per timed run (sum of kernel times): {:.3} ms",
+            1e3 * seconds / repeat as f64
+        );
     }
 }
 

@@ -50,7 +50,9 @@ pub struct GpuOptions {
     /// inside a driver that fails badly when it runs out.
     pub memory_limit: Option<String>,
     /// Time every kernel (`WGPU_MLKD_PROFILE=1`): each command is submitted and waited for on its own, and
-    /// [`Gpu::profile_report`] sums the times per kernel. Slows everything down; for finding where time goes.
+    /// [`Gpu::profile_report`] sums the times per kernel: the wall-clock time of each submission and, where the
+    /// adapter has timestamp queries, the GPU time of each compute pass. Slows everything down; for finding where
+    /// time goes.
     pub profile: bool,
     /// Directory of the on-disk pipeline cache (`WGPU_MLKD_PIPELINE_CACHE`, default `~/.cache/wgpu-mlkd`);
     /// `None` compiles every pipeline afresh. Used where the backend supports it (Vulkan).
@@ -149,6 +151,9 @@ fn useful_features(features: wgpu::Features, info: &wgpu::AdapterInfo) -> Vec<St
     if features.contains(wgpu::Features::PIPELINE_CACHE) {
         out.push("pipeline-cache".into());
     }
+    if features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+        out.push("timestamp-query".into());
+    }
     out
 }
 
@@ -210,17 +215,125 @@ pub(crate) struct Inner {
     /// First validation/out-of-memory error the device reported outside an error scope, or a device loss.
     device_error: Arc<Mutex<Option<String>>>,
     /// Per-kernel times when profiling ([`GpuOptions::profile`]).
-    profile: Option<Mutex<BTreeMap<String, KernelTime>>>,
+    profile: Option<Profile>,
 }
 
 /// The environment variable that turns the per-kernel profile on.
 pub const PROFILE_ENV: &str = "WGPU_MLKD_PROFILE";
 
-/// One kernel's calls and summed time in the profile.
+/// The per-kernel profile's state.
+struct Profile {
+    /// Held while a command runs, so that profiled commands run one at a time and the timer's query set and
+    /// buffers serve one command at a time.
+    times: Mutex<BTreeMap<String, KernelTime>>,
+    /// Where the adapter has timestamp queries.
+    timer: Option<PassTimer>,
+}
+
+/// One kernel's calls and summed times in the profile.
 #[derive(Clone, Copy, Debug, Default)]
 struct KernelTime {
     calls: u64,
-    seconds: f64,
+    wall_seconds: f64,
+    /// Calls that got a GPU time (all dispatches, unless the driver gave timestamps out of order).
+    gpu_calls: u64,
+    gpu_seconds: f64,
+}
+
+/// One line of the per-kernel profile ([`Gpu::profile_kernels`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelProfile {
+    /// `shader::entry_point`, or `buffer copy`.
+    pub name: String,
+    pub calls: u64,
+    /// Summed wall-clock time of the calls, each submitted and waited for alone: submission overhead included.
+    pub wall_seconds: f64,
+    /// Calls with a GPU time: every dispatch where the adapter has timestamp queries, no copy.
+    pub gpu_calls: u64,
+    /// Summed GPU time of those calls, from the timestamps written at the start and end of each compute pass;
+    /// `None` when no call has one.
+    pub gpu_seconds: Option<f64>,
+}
+
+/// Timestamp queries at the start and end of a compute pass, resolved and read back. Profiling runs one
+/// command per submission and waits for it, so one pair of queries and one pair of buffers serve them all.
+struct PassTimer {
+    queries: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    ns_per_tick: f64,
+}
+
+impl PassTimer {
+    /// The bytes of the two resolved timestamps.
+    const BYTES: u64 = 2 * wgpu::QUERY_SIZE as u64;
+
+    fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Option<PassTimer> {
+        let ns_per_tick = f64::from(queue.get_timestamp_period());
+        // wgpu gives 0 where timestamps are unsupported: then there is nothing to convert ticks with.
+        if !(ns_per_tick.is_finite() && ns_per_tick > 0.0) {
+            return None;
+        }
+        Some(PassTimer {
+            queries: device.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("profile timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolved: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile timestamps resolved"),
+                size: Self::BYTES,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }),
+            readback: device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("profile timestamps readback"),
+                size: Self::BYTES,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+            ns_per_tick,
+        })
+    }
+
+    fn pass_writes(&self) -> wgpu::ComputePassTimestampWrites<'_> {
+        wgpu::ComputePassTimestampWrites {
+            query_set: &self.queries,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        }
+    }
+
+    /// Encodes the copy of the two timestamps into the readback buffer (after the pass has ended).
+    fn resolve(&self, encoder: &mut wgpu::CommandEncoder) {
+        encoder.resolve_query_set(&self.queries, 0..2, &self.resolved, 0);
+        encoder.copy_buffer_to_buffer(&self.resolved, 0, &self.readback, 0, Self::BYTES);
+    }
+
+    /// The seconds between the two timestamps of the pass just submitted, waiting for it; `None` when the end
+    /// comes before the start (a driver's clock that wrapped or jumped).
+    fn read_seconds(&self, device: &wgpu::Device) -> Result<Option<f64>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU's timestamps failed: {e}"))?;
+        rx.recv()
+            .map_err(|_| anyhow!("reading the GPU's timestamps was never answered"))?
+            .map_err(|e| anyhow!("reading the GPU's timestamps failed: {e}"))?;
+        let ticks = self
+            .readback
+            .get_mapped_range(..)
+            .map(|view| bytemuck::pod_read_unaligned::<[u64; 2]>(&view[..Self::BYTES as usize]));
+        // Unmapped whatever happened, so that the next command's timestamps can be read.
+        self.readback.unmap();
+        let ticks = ticks.map_err(|e| anyhow!("reading the GPU's timestamps failed: {e}"))?;
+        Ok(ticks[1]
+            .checked_sub(ticks[0])
+            .map(|t| t as f64 * self.ns_per_tick * 1e-9))
+    }
 }
 
 /// A recorded GPU command, encoded at the next flush.
@@ -306,13 +419,19 @@ impl Gpu {
             Some(_) => adapter.features() & wgpu::Features::PIPELINE_CACHE,
             None => wgpu::Features::empty(),
         };
+        // Only for the profile: the feature costs nothing unused, but a device without it must open all the same.
+        let timestamps = if options.profile {
+            adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::empty()
+        };
         let subgroups_of_8 = !subgroups.is_empty()
             && info.subgroup_min_size == 8
             && info.subgroup_max_size == 8
             && std::env::var_os("WGPU_MLKD_NO_SUBGROUPS").is_none();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-mlkd"),
-            required_features: subgroups | pipeline_cache,
+            required_features: subgroups | pipeline_cache | timestamps,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -349,6 +468,14 @@ impl Gpu {
             });
         }
         let pool = Arc::new(BufferPool::new(device.clone(), limits.clone(), memory_limit));
+        let profile = options.profile.then(|| Profile {
+            times: Mutex::default(),
+            timer: if timestamps.is_empty() {
+                None
+            } else {
+                PassTimer::new(&device, &queue)
+            },
+        });
         Ok(Gpu {
             inner: Arc::new(Inner {
                 pipelines: PipelineCache::new(
@@ -368,7 +495,7 @@ impl Gpu {
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
                 device_error,
-                profile: options.profile.then(Mutex::default),
+                profile,
             }),
         })
     }
@@ -485,31 +612,39 @@ impl Gpu {
             buffers: buffers.iter().map(|b| (*b).clone()).collect(),
             params: params.to_vec(),
             groups: folded,
-        });
-        Ok(())
+        })
     }
 
-    pub(crate) fn record(&self, cmd: Command) {
+    /// Records a command; when profiling, runs it at once and times it (errors are the device's).
+    pub(crate) fn record(&self, cmd: Command) -> Result<()> {
         let Some(profile) = &self.inner.profile else {
             self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
-            return;
+            return Ok(());
         };
+        let mut times = profile.times.lock().unwrap_or_else(|p| p.into_inner());
         // Profiling: run the uploads staged before this command (an empty submission carries them), then this
-        // command alone, and time it. Nothing else is pending: every earlier command ran the same way.
+        // command alone, and time it. Nothing is pending: every command is submitted here, never recorded.
         self.inner.queue.submit([]);
         let _ = self.inner.device.poll(wgpu::PollType::wait_indefinitely());
         let key = match &cmd {
             Command::Dispatch { shader, label, .. } => format!("{shader}::{label}"),
             Command::Copy { .. } => "buffer copy".to_string(),
         };
-        self.inner.pending.lock().unwrap_or_else(|p| p.into_inner()).push(cmd);
         let started = std::time::Instant::now();
-        // An error here is the device's; the caller's next flush or readback reports it.
-        let _ = self.sync();
-        let mut times = profile.lock().unwrap_or_else(|p| p.into_inner());
+        let timed = self.encode_and_submit(vec![cmd], profile.timer.as_ref());
+        let done = self.sync();
+        let wall_seconds = started.elapsed().as_secs_f64();
         let t = times.entry(key).or_default();
         t.calls += 1;
-        t.seconds += started.elapsed().as_secs_f64();
+        t.wall_seconds += wall_seconds;
+        done?;
+        if let Some(timer) = profile.timer.as_ref().filter(|_| timed) {
+            if let Some(s) = timer.read_seconds(&self.inner.device)? {
+                t.gpu_calls += 1;
+                t.gpu_seconds += s;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the per-kernel profile is on ([`GpuOptions::profile`]).
@@ -520,44 +655,51 @@ impl Gpu {
     /// Forgets the kernel times so far (e.g. a warm-up's).
     pub fn profile_reset(&self) {
         if let Some(p) = &self.inner.profile {
-            p.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            p.times.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
 
-    /// The kernels by total time, with calls, share and mean time, when profiling; `None` otherwise. Each time
-    /// is a command submitted and waited for on its own, so it includes one submission's overhead.
-    pub fn profile_report(&self) -> Option<String> {
+    /// Every kernel (and the buffer copies, as one line) profiled since the last [`Gpu::profile_reset`], by
+    /// name; `None` when not profiling.
+    pub fn profile_kernels(&self) -> Option<Vec<KernelProfile>> {
         let times = self
             .inner
             .profile
             .as_ref()?
+            .times
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let total: f64 = times.values().map(|t| t.seconds).sum();
-        let mut rows: Vec<(String, KernelTime)> = times.into_iter().collect();
-        rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
-        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(6).max(6);
-        let mut out = format!(
-            "{:width$}  {:>7}  {:>10}  {:>6}  {:>10}\n",
-            "kernel", "calls", "total s", "share", "mean ms"
-        );
-        for (k, t) in &rows {
-            out += &format!(
-                "{k:width$}  {:>7}  {:>10.3}  {:>5.1}%  {:>10.3}\n",
-                t.calls,
-                t.seconds,
-                100.0 * t.seconds / total.max(1e-12),
-                1e3 * t.seconds / t.calls as f64
-            );
-        }
-        out += &format!(
-            "{:width$}  {:>7}  {:>10.3}",
-            "total",
-            rows.iter().map(|(_, t)| t.calls).sum::<u64>(),
-            total
-        );
-        Some(out)
+        Some(
+            times
+                .into_iter()
+                .map(|(name, t)| KernelProfile {
+                    name,
+                    calls: t.calls,
+                    wall_seconds: t.wall_seconds,
+                    gpu_calls: t.gpu_calls,
+                    gpu_seconds: (t.gpu_calls > 0).then_some(t.gpu_seconds),
+                })
+                .collect(),
+        )
+    }
+
+    /// The GPU time of every kernel profiled since the last [`Gpu::profile_reset`], summed: how long the GPU
+    /// was busy computing, without the submissions' overhead. `None` when not profiling or when the adapter
+    /// has no timestamp queries.
+    pub fn profile_gpu_seconds(&self) -> Option<f64> {
+        let profile = self.inner.profile.as_ref()?;
+        profile.timer.as_ref()?;
+        let times = profile.times.lock().unwrap_or_else(|p| p.into_inner());
+        Some(times.values().map(|t| t.gpu_seconds).sum())
+    }
+
+    /// The kernels by total time (GPU time where the adapter has timestamp queries, else wall-clock time), with
+    /// calls, share and mean time, when profiling; `None` otherwise. The wall-clock time of a kernel is that of
+    /// its own submission waited for, so it includes one submission's overhead; its GPU time does not.
+    pub fn profile_report(&self) -> Option<String> {
+        let timed = self.inner.profile.as_ref()?.timer.is_some();
+        Some(profile_table(self.profile_kernels()?, timed))
     }
 
     /// Encodes every pending command into one command encoder and submits it. Does not wait.
@@ -566,7 +708,7 @@ impl Gpu {
         // their commands were recorded.
         let mut pending = self.inner.pending.lock().unwrap_or_else(|p| p.into_inner());
         if !pending.is_empty() {
-            self.encode_and_submit(std::mem::take(&mut *pending));
+            self.encode_and_submit(std::mem::take(&mut *pending), None);
         }
         drop(pending);
         self.check_device_error()
@@ -595,7 +737,9 @@ impl Gpu {
         Ok(())
     }
 
-    fn encode_and_submit(&self, cmds: Vec<Command>) {
+    /// With a `timer`, the first compute pass gets its start and end timestamps, resolved into the timer's
+    /// readback buffer: for the profile, which submits one command at a time. Returns whether a pass was timed.
+    fn encode_and_submit(&self, cmds: Vec<Command>, timer: Option<&PassTimer>) -> bool {
         let device = &self.inner.device;
         // All parameter blocks of this submission live in one uniform buffer, one aligned slot each.
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
@@ -626,6 +770,8 @@ impl Gpu {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         let mut slot = slots.into_iter();
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
+        let mut untimed = timer;
+        let mut timed = false;
         for cmd in cmds {
             match cmd {
                 Command::Dispatch {
@@ -657,10 +803,12 @@ impl Gpu {
                         entries: &entries,
                     });
                     let p = pass.get_or_insert_with(|| {
+                        let timestamp_writes = untimed.take().map(PassTimer::pass_writes);
+                        timed |= timestamp_writes.is_some();
                         encoder
                             .begin_compute_pass(&wgpu::ComputePassDescriptor {
                                 label: None,
-                                timestamp_writes: None,
+                                timestamp_writes,
                             })
                             .forget_lifetime()
                     });
@@ -681,11 +829,132 @@ impl Gpu {
             }
         }
         drop(pass);
+        if let Some(timer) = timer.filter(|_| timed) {
+            timer.resolve(&mut encoder);
+        }
         self.inner.queue.submit([encoder.finish()]);
         self.inner
             .submissions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        timed
     }
+}
+
+/// The profile's table (see [`Gpu::profile_report`]); `timed` when the adapter has timestamp queries.
+fn profile_table(mut kernels: Vec<KernelProfile>, timed: bool) -> String {
+    let gpu = |k: &KernelProfile| k.gpu_seconds.unwrap_or(0.0);
+    kernels.sort_by(|a, b| match timed {
+        true => gpu(b)
+            .total_cmp(&gpu(a))
+            .then(b.wall_seconds.total_cmp(&a.wall_seconds)),
+        false => b.wall_seconds.total_cmp(&a.wall_seconds),
+    });
+    let gpu_total: f64 = kernels.iter().map(gpu).sum();
+    let wall_total: f64 = kernels.iter().map(|k| k.wall_seconds).sum();
+    let calls_total: u64 = kernels.iter().map(|k| k.calls).sum();
+    let ms = |s: f64| format!("{:.3}", 1e3 * s);
+    let us = |s: f64, n: u64| format!("{:.1}", 1e6 * s / n.max(1) as f64);
+    let share = |s: f64, total: f64| format!("{:.1}%", 100.0 * s / total.max(1e-12));
+    let none = || "-".to_string();
+    let mut table: Vec<Vec<String>> = Vec::with_capacity(kernels.len() + 2);
+    if timed {
+        table.push(
+            [
+                "kernel",
+                "calls",
+                "GPU ms",
+                "GPU share",
+                "GPU mean us",
+                "wall ms",
+                "wall mean us",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        for k in &kernels {
+            let (gpu_ms, gpu_share, gpu_mean) = match k.gpu_seconds {
+                Some(s) => (ms(s), share(s, gpu_total), us(s, k.gpu_calls)),
+                None => (none(), none(), none()),
+            };
+            table.push(vec![
+                k.name.clone(),
+                k.calls.to_string(),
+                gpu_ms,
+                gpu_share,
+                gpu_mean,
+                ms(k.wall_seconds),
+                us(k.wall_seconds, k.calls),
+            ]);
+        }
+        table.push(vec![
+            "total".into(),
+            calls_total.to_string(),
+            ms(gpu_total),
+            String::new(),
+            String::new(),
+            ms(wall_total),
+            String::new(),
+        ]);
+    } else {
+        table.push(
+            ["kernel", "calls", "wall ms", "share", "wall mean us"]
+                .map(String::from)
+                .to_vec(),
+        );
+        for k in &kernels {
+            table.push(vec![
+                k.name.clone(),
+                k.calls.to_string(),
+                ms(k.wall_seconds),
+                share(k.wall_seconds, wall_total),
+                us(k.wall_seconds, k.calls),
+            ]);
+        }
+        table.push(vec![
+            "total".into(),
+            calls_total.to_string(),
+            ms(wall_total),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    let mut out = String::new();
+    if !timed {
+        out += "no timestamp queries on this adapter: times are wall-clock per submitted kernel, overhead included\n";
+    }
+    out += &format_table(&table);
+    out
+}
+
+/// The rows of `table` in columns: the first left-aligned, the others right-aligned, two spaces apart.
+fn format_table(table: &[Vec<String>]) -> String {
+    let columns = table.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            table
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let lines: Vec<String> = table
+        .iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(c, (cell, &w))| match c {
+                    0 => format!("{cell:<w$}"),
+                    _ => format!("{cell:>w$}"),
+                })
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect();
+    lines.join("\n")
 }
 
 /// Buffer creation beyond this share of the driver's memory budget (where it reports one, as with
@@ -699,4 +968,64 @@ fn make_instance(options: &GpuOptions) -> wgpu::Instance {
     desc.backends = options.backends();
     desc.memory_budget_thresholds.for_resource_creation = Some(MEMORY_BUDGET_PERCENT);
     wgpu::Instance::new(desc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(name: &str, calls: u64, wall_ms: f64, gpu_ms: Option<f64>) -> KernelProfile {
+        KernelProfile {
+            name: name.into(),
+            calls,
+            wall_seconds: wall_ms * 1e-3,
+            gpu_calls: if gpu_ms.is_some() { calls } else { 0 },
+            gpu_seconds: gpu_ms.map(|ms| ms * 1e-3),
+        }
+    }
+
+    /// With GPU times the rows go by GPU time (not wall-clock time), copies last with no GPU columns, and the
+    /// total row sums both; the means are per call, in microseconds.
+    #[test]
+    fn the_timed_profile_table_goes_by_gpu_time() {
+        let kernels = vec![
+            kernel("a::slow_to_submit", 4, 8.0, Some(0.4)),
+            kernel("b::busy", 2, 3.0, Some(1.6)),
+            kernel("buffer copy", 3, 0.3, None),
+        ];
+        let table = profile_table(kernels, true);
+        eprintln!("{table}");
+        let lines: Vec<&str> = table.lines().collect();
+        let cells = |i: usize| -> Vec<&str> { lines[i].split_whitespace().collect() };
+        assert_eq!(lines.len(), 5, "{table}");
+        assert!(
+            lines[0].starts_with("kernel") && lines[0].contains("GPU mean us"),
+            "{table}"
+        );
+        assert_eq!(cells(1), ["b::busy", "2", "1.600", "80.0%", "800.0", "3.000", "1500.0"]);
+        assert_eq!(
+            cells(2),
+            ["a::slow_to_submit", "4", "0.400", "20.0%", "100.0", "8.000", "2000.0"]
+        );
+        assert_eq!(cells(3), ["buffer", "copy", "3", "-", "-", "-", "0.300", "100.0"]);
+        assert_eq!(cells(4), ["total", "9", "2.000", "11.300"]);
+    }
+
+    /// Without timestamp queries the table says so above it and goes by wall-clock time, as it always did.
+    #[test]
+    fn the_untimed_profile_table_says_its_times_are_wall_clock() {
+        let kernels = vec![kernel("a::small", 1, 1.0, None), kernel("b::large", 2, 3.0, None)];
+        let table = profile_table(kernels, false);
+        eprintln!("{table}");
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "no timestamp queries on this adapter: times are wall-clock per submitted kernel, overhead included"
+        );
+        assert!(!lines[1].contains("GPU"), "{table}");
+        let cells = |i: usize| -> Vec<&str> { lines[i].split_whitespace().collect() };
+        assert_eq!(cells(2), ["b::large", "2", "3.000", "75.0%", "1500.0"]);
+        assert_eq!(cells(3), ["a::small", "1", "1.000", "25.0%", "1000.0"]);
+        assert_eq!(cells(4), ["total", "3", "4.000"]);
+    }
 }

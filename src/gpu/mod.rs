@@ -13,7 +13,7 @@ mod pipeline;
 mod pool;
 mod tensor;
 
-pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, PROFILE_ENV};
+pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, KernelProfile, PROFILE_ENV};
 pub use pipeline::Shader;
 pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
@@ -68,6 +68,95 @@ mod tests {
         g.profile_reset();
         assert!(!g.profile_report().unwrap().contains("add_forward"));
         assert!(test_gpu().profile_report().is_none() || std::env::var_os(PROFILE_ENV).is_some());
+    }
+
+    /// With profiling on, each dispatch gets its GPU time from timestamp queries where the adapter has them
+    /// (lavapipe does): every kernel's time is positive, finite and within its wall-clock time, copies have
+    /// none, and [`Gpu::profile_gpu_seconds`] is their sum. Without timestamps the report says so and there is
+    /// no GPU time at all.
+    #[test]
+    fn the_profile_times_each_kernel_on_the_gpu() {
+        let options = GpuOptions {
+            profile: true,
+            ..GpuOptions::from_env()
+        };
+        let g = Gpu::new(&options).unwrap();
+        let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
+        let y = crate::ops::elementwise::add(&x, &x).unwrap();
+        let z = crate::ops::elementwise::add(&y, &x).unwrap();
+        let a = Tensor::from_slice(&g, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
+        let b = Tensor::from_slice(&g, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
+        let c = crate::ops::matmul::matmul(&a, &b).unwrap();
+        assert_eq!(z.to_vec().unwrap(), vec![3.0, 6.0, 9.0]);
+        assert_eq!(c.to_vec().unwrap(), vec![4.0, 5.0, 10.0, 11.0]);
+
+        let report = g.profile_report().unwrap();
+        eprintln!("{}\n{report}", g.adapter());
+        let kernels = g.profile_kernels().unwrap();
+        let calls = |name: &str| kernels.iter().find(|k| k.name == name).map(|k| k.calls);
+        assert_eq!(calls("elementwise::add_forward"), Some(2), "{report}");
+        let matmul_calls: u64 = kernels
+            .iter()
+            .filter(|k| k.name.starts_with("matmul"))
+            .map(|k| k.calls)
+            .sum();
+        assert_eq!(matmul_calls, 1, "{report}");
+        // Three uploads and two readbacks.
+        assert_eq!(calls("buffer copy"), Some(5), "{report}");
+        assert!(report.lines().last().unwrap().starts_with("total"), "{report}");
+        for k in &kernels {
+            assert!(
+                report.lines().any(|l| l
+                    .strip_prefix(k.name.as_str())
+                    .and_then(|rest| rest.split_whitespace().next())
+                    == Some(k.calls.to_string().as_str())),
+                "{} with {} calls missing from\n{report}",
+                k.name,
+                k.calls
+            );
+        }
+
+        let timestamps = g.adapter().features.iter().any(|f| f == "timestamp-query");
+        match g.profile_gpu_seconds() {
+            Some(total) => {
+                assert!(timestamps);
+                assert!(!report.contains("no timestamp queries"), "{report}");
+                assert!(report.lines().next().unwrap().contains("GPU ms"), "{report}");
+                let mut sum = 0.0;
+                for k in &kernels {
+                    if k.name == "buffer copy" {
+                        assert_eq!((k.gpu_calls, k.gpu_seconds), (0, None), "{k:?}");
+                        continue;
+                    }
+                    assert_eq!(k.gpu_calls, k.calls, "{k:?}");
+                    let s = k.gpu_seconds.unwrap();
+                    assert!(s.is_finite() && s > 0.0 && s <= k.wall_seconds, "{k:?}");
+                    sum += s;
+                }
+                assert!((total - sum).abs() <= 1e-12 * sum, "{total} != {sum}");
+                // The report's rows follow the GPU time, largest first (the copies, without, by wall-clock time).
+                let mut by_gpu = kernels.clone();
+                by_gpu.sort_by(|a, b| {
+                    let gpu = |k: &KernelProfile| k.gpu_seconds.unwrap_or(0.0);
+                    gpu(b)
+                        .total_cmp(&gpu(a))
+                        .then(b.wall_seconds.total_cmp(&a.wall_seconds))
+                });
+                for (k, line) in by_gpu.iter().zip(report.lines().skip(1)) {
+                    assert!(line.starts_with(&k.name), "{} out of order in\n{report}", k.name);
+                }
+            }
+            None => {
+                assert!(!timestamps);
+                assert!(report.starts_with("no timestamp queries on this adapter"), "{report}");
+                assert!(kernels.iter().all(|k| k.gpu_seconds.is_none()), "{kernels:?}");
+            }
+        }
+        g.profile_reset();
+        assert!(g.profile_kernels().unwrap().is_empty());
+        assert!(g.profile_gpu_seconds().is_none_or(|s| s == 0.0));
+        // No profile, no GPU time: the shared device profiles only when the environment asks.
+        assert!(test_gpu().profile_gpu_seconds().is_none() || std::env::var_os(PROFILE_ENV).is_some());
     }
 
     #[test]

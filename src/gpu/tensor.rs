@@ -118,7 +118,7 @@ impl Tensor {
                 dst: t.buffer().clone(),
                 dst_offset: 0,
                 size,
-            });
+            })?;
         }
         Ok(t)
     }
@@ -180,7 +180,7 @@ impl Tensor {
                 dst: self.buffer().clone(),
                 dst_offset: (dst_start * 4) as u64,
                 size: (len * 4) as u64,
-            });
+            })?;
         }
         Ok(())
     }
@@ -215,7 +215,7 @@ impl Tensor {
             dst: staging.clone(),
             dst_offset: 0,
             size,
-        });
+        })?;
         gpu.flush()?;
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
