@@ -29,11 +29,12 @@ done
 tar -C "$kit" -cf - bin | xz -T0 -6 > "$kit/bin.tar.xz"
 rm -rf "$kit/bin"
 
-# The Vulkan loader, for an image that has the NVIDIA driver but no libvulkan (device README's recipe).
+# The Vulkan loader, for an image that has the NVIDIA driver but no libvulkan, and the glvnd GL/EGL libraries
+# NVIDIA's Vulkan driver loads (device README's recipe; without them the H100 image found no adapter).
 o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/gpu-kit-apt'
 mkdir -p /tmp/gpu-kit-apt/partial
 apt-get $o update >/dev/null
-(cd "$kit/debs" && apt-get $o download libvulkan1 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
+(cd "$kit/debs" && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2 2>&1 | grep -v "^W: Download is performed unsandboxed" || true)
 git rev-parse HEAD > "$kit/commit"
 git diff --quiet HEAD || echo "(with uncommitted changes)" >> "$kit/commit"
 du -sh "$kit"

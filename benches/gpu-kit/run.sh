@@ -2,12 +2,12 @@
 # The device checks of issue 8, as one script for a machine with a GPU (see pack.sh, which builds the kit here):
 #   1. the adapter wgpu sees;
 #   2. the whole test suite on that GPU (every test binary, each under a time limit);
-#   3. the matmul kernels per model shape (register-blocked, workgroup-memory tiled, f16 weights), and the
-#      inference attention unfused against the fused kernels;
+#   3. the matmul kernels per model shape (register-blocked; workgroup-memory tiled 64 x 64 and 128 x 128, each
+#      with split-K; f16 weights), and the inference attention unfused against the fused kernels;
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
-#      with the tiled matmul off; the teacher with the unfused attention and with f16 linear weights; then
-#      PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
-#   5. one profiled run of each, for where the time goes.
+#      with each choice forced the other way (tiling, tile size, split-K); the teacher with f16 linear weights;
+#      then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
+#   5. one profiled run of each, for where the time goes (GPU time per kernel from timestamp queries).
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
 # back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
 # an H100 is the aim).
@@ -26,20 +26,24 @@ kit=$root/.gpu-kit
 [ -f "$kit/bin.tar.xz" ] || { say "no $kit/bin.tar.xz: run benches/gpu-kit/pack.sh first and carry .gpu-kit"; exit 2; }
 say "kit built from $(tr '\n' ' ' < "$kit/commit")"
 
-# The Vulkan loader and the NVIDIA driver's ICD.
-if ! ldconfig -p | grep -q libvulkan.so.1; then
+# The Vulkan loader and the GL/EGL libraries (glvnd) that NVIDIA's Vulkan driver (libGLX_nvidia) needs: without
+# them its vk_icdGetInstanceProcAddr returns nothing and no adapter is found (seen on the H100 image).
+if [ -z "${GPU_KIT_ALLOW_CPU:-}" ]; then
     for f in "$kit"/debs/*.deb; do dpkg -x "$f" /; done
     ldconfig
 fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 [ -f "$icd" ] && [ -z "${VK_DRIVER_FILES:-}" ] && export VK_DRIVER_FILES=$icd
+egl=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
+[ -f "$egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$egl
 export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 
 # The binaries, where the test binaries expect them: they were built in /work/main (fixtures and the CLI
 # binary are found through that path).
 mkdir -p target/release
-tar -C "$kit" -xJf "$kit/bin.tar.xz"
-cp "$kit/bin/wgpu-mlkd" target/release/wgpu-mlkd
+kbin=$(mktemp -d /tmp/gpu-kit-bin.XXXXXX)
+tar -C "$kbin" -xJf "$kit/bin.tar.xz"
+cp "$kbin/bin/wgpu-mlkd" target/release/wgpu-mlkd
 if [ "$(readlink -f /work/main 2>/dev/null)" != "$(readlink -f "$root")" ]; then
     if [ -e /work/main ]; then
         say "warning: /work/main exists and is not this checkout; the tests that read fixtures will fail"
@@ -61,7 +65,7 @@ fi
 say "== 2. tests on the GPU"
 # Each suite under TEST_LIMIT_S, and all of them under TEST_BUDGET_S, so that a hang leaves time for the benches.
 test_end=$(( $(date +%s) + ${TEST_BUDGET_S:-200} ))
-for t in "$kit"/bin/test-*; do
+for t in "$kbin"/bin/test-*; do
     name=${t##*/test-}
     log=$logs/test-$name.log
     left=$(( test_end - $(date +%s) ))
@@ -79,12 +83,12 @@ for t in "$kit"/bin/test-*; do
 done
 
 say "== 3. matmul kernels per shape (GFLOP/s; the first column is the register-blocked kernel)"
-BENCH_ROUNDS=5 timeout 60 "$kit/bin/test-lib" --ignored --nocapture --exact \
+BENCH_ROUNDS=5 BENCH_MIN_GFLOP=${BENCH_MIN_GFLOP:-20} timeout 120 "$kbin/bin/test-lib" --ignored --nocapture --exact \
     ops::matmul::tests::bench_kernels_model_shapes > "$logs/matmul.log" 2>&1
 grep "GFLOP" "$logs/matmul.log" >> "$summary"
 
 say "== 3b. attention for inference: unfused against the fused kernels (ms; GFLOP/s)"
-timeout 60 "$kit/bin/test-lib" --ignored --nocapture --exact ops::attention::tests::bench_attention_fused_vs_unfused \
+timeout 60 "$kbin/bin/test-lib" --ignored --nocapture --exact ops::attention::tests::bench_attention_fused_vs_unfused \
     > "$logs/attention.log" 2>&1
 grep "attention B=" "$logs/attention.log" >> "$summary"
 
@@ -93,20 +97,18 @@ teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
-for tiled in default 0; do
-    log=$logs/ours-tiled-$tiled.log
+# The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K).
+for variant in default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=64 \
+    WGPU_MLKD_MATMUL_TILE=128; do
+    log=$logs/ours-$variant.log
     (
-        [ "$tiled" = default ] || export WGPU_MLKD_MATMUL_TILED=$tiled
+        [ "$variant" = default ] || export "${variant?}"
         timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20}
         timeout 90 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat ${REPEAT:-20}
     ) > "$log" 2>&1
-    say "wgpu-mlkd (tiled matmul: $tiled): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
+    say "wgpu-mlkd ($variant): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
 train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 done
-log=$logs/ours-unfused-attention.log
-WGPU_MLKD_NO_FUSED_ATTENTION=1 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} > "$log" 2>&1
-say "wgpu-mlkd, unfused attention: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
-$(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 log=$logs/ours-f16.log
 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --f16 > "$log" 2>&1
 say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
@@ -123,9 +125,13 @@ timeout 90 python3 benches/pytorch_train_step.py --teacher "$teacher" --batch 2 
     --device cuda > "$log" 2>&1
 say "PyTorch CUDA train step: $(value student_train_step_seconds "$log") s; $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
 
-say "== 5. profiles (each kernel submitted and waited for alone)"
+say "== 5. profiles (each kernel submitted and waited for alone; GPU times from timestamp queries where the adapter has them)"
 WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 1 \
     > "$logs/profile-teacher.log" 2>&1
 WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat 1 \
     > "$logs/profile-train.log" 2>&1
+for w in teacher train; do
+    echo "-- $w: $(grep -E "^median" "$logs/profile-$w.log")" >> "$summary"
+    sed -n '/^kernel profile/,/^GPU busy/p' "$logs/profile-$w.log" | head -40 >> "$summary"
+done
 say "done; profiles in profile-teacher.log and profile-train.log"
