@@ -484,3 +484,43 @@ fn conv1d_backward_sum_splits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num
     }
     sum_out[i] = s;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Group-major zero-padded copy of the input, for the matmul route of grouped or padded convolutions
+// (ConvKernel::Matmul in src/ops/conv1d.rs): x (B, T, C_in) -> xg (B, G, T + 2 P, Cg_in), zeros outside the
+// input, so that the receptive fields of one group are the rows of one strided view (row stride
+// stride * Cg_in, K * Cg_in contiguous columns) and the group's conv is a matmul with its packed weight.
+
+struct GroupPadParams {
+    n: u32,          // B * G * T_pad * Cg_in
+    t: u32,
+    c_in: u32,
+    cg_in: u32,
+    groups: u32,
+    t_pad: u32,      // T + 2 P
+    padding: u32,
+}
+
+@group(0) @binding(0) var<uniform> gp_p: GroupPadParams;
+@group(0) @binding(1) var<storage, read> gp_x: array<f32>;          // (B, T, C_in)
+@group(0) @binding(2) var<storage, read_write> gp_out: array<f32>;  // (B, G, T_pad, Cg_in)
+
+@compute @workgroup_size(256)
+fn conv1d_group_pad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li;
+    if (i >= gp_p.n) {
+        return;
+    }
+    let c = i % gp_p.cg_in;
+    let r = i / gp_p.cg_in;
+    let tp = r % gp_p.t_pad;
+    let r2 = r / gp_p.t_pad;
+    let g = r2 % gp_p.groups;
+    let b = r2 / gp_p.groups;
+    var v = 0.0;
+    if (tp >= gp_p.padding && tp < gp_p.padding + gp_p.t) {
+        v = gp_x[(b * gp_p.t + tp - gp_p.padding) * gp_p.c_in + g * gp_p.cg_in + c];
+    }
+    gp_out[i] = v;
+}

@@ -406,40 +406,9 @@ fn stage8_b(col: u32, p0: u32, v: vec4<f32>) {
     }
 }
 
-// acc[2 r + h]: row r of the invocation's 8 (0..3 at 4 ty.., 4..7 at 64 + 4 ty..), column half h.
-fn tiled8_chunk(kn: u32, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 16>>) {
-    for (var p = 0u; p < kn; p++) {
-        let x0 = w8_a[p * 32u + ty];
-        let x1 = w8_a[p * 32u + 16u + ty];
-        let y0 = w8_b[p * 32u + tx];
-        let y1 = w8_b[p * 32u + 16u + tx];
-        (*acc)[0] = fma(vec4<f32>(x0.x), y0, (*acc)[0]);
-        (*acc)[1] = fma(vec4<f32>(x0.x), y1, (*acc)[1]);
-        (*acc)[2] = fma(vec4<f32>(x0.y), y0, (*acc)[2]);
-        (*acc)[3] = fma(vec4<f32>(x0.y), y1, (*acc)[3]);
-        (*acc)[4] = fma(vec4<f32>(x0.z), y0, (*acc)[4]);
-        (*acc)[5] = fma(vec4<f32>(x0.z), y1, (*acc)[5]);
-        (*acc)[6] = fma(vec4<f32>(x0.w), y0, (*acc)[6]);
-        (*acc)[7] = fma(vec4<f32>(x0.w), y1, (*acc)[7]);
-        (*acc)[8] = fma(vec4<f32>(x1.x), y0, (*acc)[8]);
-        (*acc)[9] = fma(vec4<f32>(x1.x), y1, (*acc)[9]);
-        (*acc)[10] = fma(vec4<f32>(x1.y), y0, (*acc)[10]);
-        (*acc)[11] = fma(vec4<f32>(x1.y), y1, (*acc)[11]);
-        (*acc)[12] = fma(vec4<f32>(x1.z), y0, (*acc)[12]);
-        (*acc)[13] = fma(vec4<f32>(x1.z), y1, (*acc)[13]);
-        (*acc)[14] = fma(vec4<f32>(x1.w), y0, (*acc)[14]);
-        (*acc)[15] = fma(vec4<f32>(x1.w), y1, (*acc)[15]);
-    }
-}
-
-fn tiled8_store(o: vec3<u32>, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 16>>) {
-    let r0 = o.y + 4u * ty;
-    let c0 = o.z + 4u * tx;
-    store_block(vec3<u32>(o.x, r0, c0), (*acc)[0], (*acc)[2], (*acc)[4], (*acc)[6]);
-    store_block(vec3<u32>(o.x, r0, c0 + 64u), (*acc)[1], (*acc)[3], (*acc)[5], (*acc)[7]);
-    store_block(vec3<u32>(o.x, r0 + 64u, c0), (*acc)[8], (*acc)[10], (*acc)[12], (*acc)[14]);
-    store_block(vec3<u32>(o.x, r0 + 64u, c0 + 64u), (*acc)[9], (*acc)[11], (*acc)[13], (*acc)[15]);
-}
+// The accumulators are 16 named vec4 (c[2 r + h]: row r of the invocation's 8, 0..3 at 4 ty.. and 4..7 at
+// 64 + 4 ty.., column half h) rather than an array: an array indexed in a loop went to local memory on an H100
+// (the first version of these kernels ran 7-10x slower than the 64 x 64 ones).
 
 // A and B contiguous along k (the layout of matmul_nt4_forward).
 @compute @workgroup_size(256)
@@ -456,10 +425,22 @@ fn matmul_tiled8_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
     let b_col = (mp.b_off + o.x * mp.b_bs + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
     let ty = li / 16u;
     let tx = li % 16u;
-    var acc: array<vec4<f32>, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
+    var c8 = vec4<f32>(0.0);
+    var c9 = vec4<f32>(0.0);
+    var c10 = vec4<f32>(0.0);
+    var c11 = vec4<f32>(0.0);
+    var c12 = vec4<f32>(0.0);
+    var c13 = vec4<f32>(0.0);
+    var c14 = vec4<f32>(0.0);
+    var c15 = vec4<f32>(0.0);
     var va0 = vec4<f32>(0.0);
     var va1 = vec4<f32>(0.0);
     var vb0 = vec4<f32>(0.0);
@@ -491,10 +472,37 @@ fn matmul_tiled8_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
             va1 = mm_a4[a_row + next / 4u + 1u];
             vb1 = load_b4(b_col + next / 4u + 1u);
         }
-        tiled8_chunk(min(WT8_K, mp.k - k0), ty, tx, &acc);
+        let kn = min(WT8_K, mp.k - k0);
+        for (var p = 0u; p < kn; p++) {
+            let x0 = w8_a[p * 32u + ty];
+            let x1 = w8_a[p * 32u + 16u + ty];
+            let y0 = w8_b[p * 32u + tx];
+            let y1 = w8_b[p * 32u + 16u + tx];
+            c0 = fma(vec4<f32>(x0.x), y0, c0);
+            c1 = fma(vec4<f32>(x0.x), y1, c1);
+            c2 = fma(vec4<f32>(x0.y), y0, c2);
+            c3 = fma(vec4<f32>(x0.y), y1, c3);
+            c4 = fma(vec4<f32>(x0.z), y0, c4);
+            c5 = fma(vec4<f32>(x0.z), y1, c5);
+            c6 = fma(vec4<f32>(x0.w), y0, c6);
+            c7 = fma(vec4<f32>(x0.w), y1, c7);
+            c8 = fma(vec4<f32>(x1.x), y0, c8);
+            c9 = fma(vec4<f32>(x1.x), y1, c9);
+            c10 = fma(vec4<f32>(x1.y), y0, c10);
+            c11 = fma(vec4<f32>(x1.y), y1, c11);
+            c12 = fma(vec4<f32>(x1.z), y0, c12);
+            c13 = fma(vec4<f32>(x1.z), y1, c13);
+            c14 = fma(vec4<f32>(x1.w), y0, c14);
+            c15 = fma(vec4<f32>(x1.w), y1, c15);
+        }
         workgroupBarrier();
     }
-    tiled8_store(o, ty, tx, &acc);
+    let r0 = o.y + 4u * ty;
+    let col0 = o.z + 4u * tx;
+    store_block(vec3<u32>(o.x, r0, col0), c0, c2, c4, c6);
+    store_block(vec3<u32>(o.x, r0, col0 + 64u), c1, c3, c5, c7);
+    store_block(vec3<u32>(o.x, r0 + 64u, col0), c8, c10, c12, c14);
+    store_block(vec3<u32>(o.x, r0 + 64u, col0 + 64u), c9, c11, c13, c15);
 }
 
 // B contiguous along n (the layout of matmul_nn4_forward); A with any strides.
@@ -516,10 +524,22 @@ fn matmul_tiled8_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
     let brs = mp.b_rs / 4u;
     let ty = li / 16u;
     let tx = li % 16u;
-    var acc: array<vec4<f32>, 16>;
-    for (var i = 0u; i < 16u; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
+    var c4 = vec4<f32>(0.0);
+    var c5 = vec4<f32>(0.0);
+    var c6 = vec4<f32>(0.0);
+    var c7 = vec4<f32>(0.0);
+    var c8 = vec4<f32>(0.0);
+    var c9 = vec4<f32>(0.0);
+    var c10 = vec4<f32>(0.0);
+    var c11 = vec4<f32>(0.0);
+    var c12 = vec4<f32>(0.0);
+    var c13 = vec4<f32>(0.0);
+    var c14 = vec4<f32>(0.0);
+    var c15 = vec4<f32>(0.0);
     var va0 = tiled_nn4_load_a(a_row, lq);
     var va1 = tiled_nn4_load_a(a_row, lq + 4u);
     var vb0 = vec4<f32>(0.0);
@@ -547,10 +567,37 @@ fn matmul_tiled8_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
         if (next + bp + 8u < mp.k) {
             vb1 = load_b4(b_quad + (next + bp + 8u) * brs);
         }
-        tiled8_chunk(min(WT8_K, mp.k - k0), ty, tx, &acc);
+        let kn = min(WT8_K, mp.k - k0);
+        for (var p = 0u; p < kn; p++) {
+            let x0 = w8_a[p * 32u + ty];
+            let x1 = w8_a[p * 32u + 16u + ty];
+            let y0 = w8_b[p * 32u + tx];
+            let y1 = w8_b[p * 32u + 16u + tx];
+            c0 = fma(vec4<f32>(x0.x), y0, c0);
+            c1 = fma(vec4<f32>(x0.x), y1, c1);
+            c2 = fma(vec4<f32>(x0.y), y0, c2);
+            c3 = fma(vec4<f32>(x0.y), y1, c3);
+            c4 = fma(vec4<f32>(x0.z), y0, c4);
+            c5 = fma(vec4<f32>(x0.z), y1, c5);
+            c6 = fma(vec4<f32>(x0.w), y0, c6);
+            c7 = fma(vec4<f32>(x0.w), y1, c7);
+            c8 = fma(vec4<f32>(x1.x), y0, c8);
+            c9 = fma(vec4<f32>(x1.x), y1, c9);
+            c10 = fma(vec4<f32>(x1.y), y0, c10);
+            c11 = fma(vec4<f32>(x1.y), y1, c11);
+            c12 = fma(vec4<f32>(x1.z), y0, c12);
+            c13 = fma(vec4<f32>(x1.z), y1, c13);
+            c14 = fma(vec4<f32>(x1.w), y0, c14);
+            c15 = fma(vec4<f32>(x1.w), y1, c15);
+        }
         workgroupBarrier();
     }
-    tiled8_store(o, ty, tx, &acc);
+    let r0 = o.y + 4u * ty;
+    let col0 = o.z + 4u * tx;
+    store_block(vec3<u32>(o.x, r0, col0), c0, c2, c4, c6);
+    store_block(vec3<u32>(o.x, r0, col0 + 64u), c1, c3, c5, c7);
+    store_block(vec3<u32>(o.x, r0 + 64u, col0), c8, c10, c12, c14);
+    store_block(vec3<u32>(o.x, r0 + 64u, col0 + 64u), c9, c11, c13, c15);
 }
 
 // ---- Bias gradient of a linear layer: column sums db[j] = sum_r dy[r, j] over R rows of N. ----

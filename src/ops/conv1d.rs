@@ -41,17 +41,27 @@ pub enum ConvKernel {
     /// broadcast their operand (adapters with subgroups of exactly 8). Needs the vec4-loaded channels per
     /// group (C_in / groups for the forward and dw, C_out / groups for dx) to be a multiple of 4.
     Subgroup,
-    /// The forward as a strided matmul (`src/ops/matmul.rs`): without padding and groups, the receptive
-    /// fields of a channels-last input are rows of one view (row stride `stride * C_in`, K * C_in contiguous
-    /// columns) and the packed weight is `[K * C_in, C_out]`, so the GPU's matmul kernels (the workgroup-memory
-    /// tiled ones where they are chosen) run the feature encoder. Forward only; needs groups = 1, padding = 0
-    /// and C_out % 4 == 0 (see [`matmul_fits`]).
+    /// The forward as strided matmuls (`src/ops/matmul.rs`): the receptive fields of a channels-last input
+    /// are rows of one view (row stride `stride * C_in`, K * C_in contiguous columns) and the packed weight is
+    /// `[K * C_in, C_out]`, so the GPU's matmul kernels (the workgroup-memory tiled ones, split-K) run the
+    /// feature encoder. With groups or padding (the positional conv) the input is first copied group-major
+    /// and zero-padded (`[B, G, T + 2 P, C_in / G]`, `conv1d_group_pad`), then each (batch item, group) is one
+    /// matmul. Forward only; needs C_out / groups % 4 == 0 (see [`matmul_fits`]).
     Matmul,
 }
 
 /// The forward shapes [`ConvKernel::Matmul`] can run.
-fn matmul_fits(w: &Conv1dWeight, padding: usize) -> bool {
-    w.groups == 1 && padding == 0 && w.c_out % BLOCK == 0
+fn matmul_fits(w: &Conv1dWeight) -> bool {
+    (w.c_out / w.groups) % BLOCK == 0
+}
+
+/// Bytes of the group-major padded copy the matmul route makes of a grouped or padded conv's input
+/// (none for the others, which read the input in place).
+fn matmul_route_copy_bytes(x_shape: &[usize], w: &Conv1dWeight, padding: usize) -> u64 {
+    match x_shape {
+        &[b, t, c_in] if w.groups > 1 || padding > 0 => (b * (t + 2 * padding) * c_in * 4) as u64,
+        _ => 0,
+    }
 }
 
 /// Channels per group, along the product's columns, below which the subgroup kernels leave too many lanes
@@ -196,8 +206,10 @@ pub fn conv1d_packed(
     padding: usize,
     gelu: bool,
 ) -> Result<Tensor> {
-    // Where the tiled matmul is chosen (GPUs with shared memory), the convolutions it can run go through it.
-    let kernel = if matmul_fits(w, padding) && crate::ops::matmul::tiled_wanted(x.gpu()) {
+    // Where the tiled matmul is chosen (GPUs with shared memory), the convolutions it can run go through it
+    // (the positional conv ran 2.5 ms in the 4 x 4 kernel on an H100 at any length: too few workgroups).
+    let copy_fits = matmul_route_copy_bytes(x.shape(), w, padding) <= x.gpu().max_binding_bytes();
+    let kernel = if matmul_fits(w) && copy_fits && crate::ops::matmul::tiled_wanted(x.gpu()) {
         ConvKernel::Matmul
     } else {
         choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups)
@@ -251,43 +263,12 @@ pub(crate) fn conv1d_packed_with(
     }
     if kernel == ConvKernel::Matmul {
         ensure!(
-            matmul_fits(w, padding),
-            "conv1d: the matmul route needs groups = 1, no padding and C_out % 4 == 0 (got groups {}, padding \
-             {padding}, C_out {})",
-            w.groups,
-            w.c_out
+            matmul_fits(w),
+            "conv1d: the matmul route needs C_out / groups % 4 == 0 (got C_out {}, groups {})",
+            w.c_out,
+            w.groups
         );
-        use crate::ops::matmul::{matmul_into_with, Activation, MatDims, View};
-        let windows = View {
-            offset: 0,
-            batch_stride: t * c_in,
-            row_stride: stride * c_in,
-            col_stride: 1,
-        };
-        let dims = MatDims {
-            batch,
-            m: t_out,
-            n: w.c_out,
-            k: w.k * c_in,
-        };
-        let act = if gelu { Activation::Gelu } else { Activation::None };
-        let weight = View::row_major(w.k * c_in, w.c_out);
-        let weight = View {
-            batch_stride: 0,
-            ..weight
-        };
-        matmul_into_with(
-            &y,
-            View::row_major(t_out, w.c_out),
-            x,
-            windows,
-            &w.packed,
-            weight,
-            dims,
-            bias,
-            1.0,
-            act,
-        )?;
+        conv1d_via_matmul(x, w, &y, bias, stride, padding, gelu)?;
         return Ok(y);
     }
     let cg_out = w.c_out / w.groups;
@@ -657,6 +638,106 @@ pub(crate) fn conv1d_backward_with(
     Ok(Conv1dGrads { dx, dw, db })
 }
 
+/// [`ConvKernel::Matmul`]: `y` (`[B, T_out, C_out]`) from `x` through strided matmuls (checked shapes).
+fn conv1d_via_matmul(
+    x: &Tensor,
+    w: &Conv1dWeight,
+    y: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    padding: usize,
+    gelu: bool,
+) -> Result<()> {
+    use crate::ops::matmul::{matmul_into_with, Activation, MatDims, View};
+    let gpu = x.gpu();
+    let &[batch, t, c_in] = x.shape() else {
+        bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
+    };
+    let (groups, cg_in, k) = (w.groups, w.cg_in, w.k);
+    let (cg_out, c_out) = (w.c_out / groups, w.c_out);
+    let cg_out_pad = cg_out.div_ceil(BLOCK) * BLOCK;
+    let t_out = y.shape()[1];
+    let act = if gelu { Activation::Gelu } else { Activation::None };
+    let dims = MatDims {
+        batch: 1,
+        m: t_out,
+        n: cg_out,
+        k: k * cg_in,
+    };
+    if groups == 1 && padding == 0 {
+        // The receptive fields are rows of the input itself; all batch items in one product.
+        let windows = View {
+            offset: 0,
+            batch_stride: t * c_in,
+            row_stride: stride * c_in,
+            col_stride: 1,
+        };
+        let weight = View {
+            batch_stride: 0,
+            ..View::row_major(k * c_in, c_out)
+        };
+        let out = View::row_major(t_out, c_out);
+        return matmul_into_with(
+            y,
+            out,
+            x,
+            windows,
+            &w.packed,
+            weight,
+            MatDims { batch, ..dims },
+            bias,
+            1.0,
+            act,
+        );
+    }
+    let t_pad = t + 2 * padding;
+    let xg = Tensor::empty(gpu, &[batch, groups, t_pad, cg_in], DType::F32)?;
+    let n = xg.numel();
+    ensure!(
+        n < u32::MAX as usize,
+        "conv1d: the padded input copy is beyond 2^32 elements"
+    );
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_group_pad",
+        &[x.buffer(), xg.buffer()],
+        &[n, t, c_in, cg_in, groups, t_pad, padding].map(|v| v as u32),
+        n.div_ceil(256) as u32,
+    )?;
+    // Each group's bias as a tensor of its own (the matmul epilogue indexes the bias by output column).
+    let group_bias = |g: usize| -> Result<Option<Tensor>> {
+        let Some(b) = bias else { return Ok(None) };
+        let part = Tensor::empty(gpu, &[cg_out], DType::F32)?;
+        part.copy_from(0, b, g * cg_out, cg_out)?;
+        Ok(Some(part))
+    };
+    for g in 0..groups {
+        let gb = group_bias(g)?;
+        let weight = View {
+            offset: g * k * cg_in * cg_out_pad,
+            batch_stride: 0,
+            row_stride: cg_out_pad,
+            col_stride: 1,
+        };
+        for b in 0..batch {
+            let windows = View {
+                offset: (b * groups + g) * t_pad * cg_in,
+                batch_stride: 0,
+                row_stride: stride * cg_in,
+                col_stride: 1,
+            };
+            let out = View {
+                offset: b * t_out * c_out + g * cg_out,
+                batch_stride: 0,
+                row_stride: c_out,
+                col_stride: 1,
+            };
+            matmul_into_with(y, out, &xg, windows, &w.packed, weight, dims, gb.as_ref(), 1.0, act)?;
+        }
+    }
+    Ok(())
+}
+
 /// CPU references, f64 accumulation.
 pub mod reference {
     use crate::ops::elementwise::reference::gelu_f64;
@@ -907,11 +988,53 @@ mod tests {
             assert_close(&name, &via_matmul, &want, Tol::KERNEL);
             assert_close(&name, &block4, &want, Tol::KERNEL);
         }
+        // Grouped and padded convolutions: a group-major padded copy, then one matmul per (item, group).
+        // (b, t, c_in, c_out, k, stride, padding, groups, bias, gelu)
+        for (i, (b, t, c_in, c_out, k, s, p, g, with_bias, gelu)) in [
+            (
+                2usize, 37usize, 48usize, 48usize, 16usize, 1usize, 8usize, 4usize, true, true,
+            ),
+            (1, 61, 32, 64, 128, 1, 64, 16, true, true), // the positional conv's taps, padding and groups
+            (3, 20, 8, 12, 5, 2, 2, 1, false, false),    // padding alone
+            (1, 9, 12, 24, 3, 3, 0, 3, true, false),     // groups alone, stride 3
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cg_in = c_in / g;
+            let xv = random_vec(330 + i as u64, b * t * c_in, 1.0);
+            let wv = random_vec(340 + i as u64, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
+            let bv = random_vec(350 + i as u64, c_out, 0.5);
+            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+            let w = Conv1dWeight::pack(&Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap(), g).unwrap();
+            let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
+            let bias = with_bias.then_some(&bias);
+            let run = |kern| {
+                conv1d_packed_with(kern, &x, &w, bias, s, p, gelu)
+                    .unwrap()
+                    .to_vec()
+                    .unwrap()
+            };
+            let want = reference::conv1d(
+                &xv,
+                [b, t, c_in],
+                &wv,
+                [c_out, cg_in, k],
+                with_bias.then_some(&bv[..]),
+                s,
+                p,
+                g,
+                gelu,
+            );
+            let name = format!("grouped matmul route case {i}");
+            assert_close(&name, &run(ConvKernel::Matmul), &want, Tol::KERNEL);
+            assert_close(&name, &run(ConvKernel::Block4), &want, Tol::KERNEL);
+        }
         // Shapes it cannot run are refused, not miscomputed.
         let x = Tensor::from_slice(gpu, &[0.0; 24], &[1, 6, 4]).unwrap();
-        let w = Conv1dWeight::pack(&Tensor::from_slice(gpu, &[0.5; 32], &[8, 2, 2]).unwrap(), 2).unwrap();
+        let w = Conv1dWeight::pack(&Tensor::from_slice(gpu, &[0.5; 24], &[6, 2, 2]).unwrap(), 2).unwrap();
         let e = conv1d_packed_with(ConvKernel::Matmul, &x, &w, None, 1, 0, false).unwrap_err();
-        assert!(format!("{e:#}").contains("groups = 1"), "{e:#}");
+        assert!(format!("{e:#}").contains("C_out / groups % 4 == 0"), "{e:#}");
     }
 
     #[test]
@@ -1393,7 +1516,7 @@ mod timing {
                     }
                 }
                 // The forward also as a strided matmul, where it fits (the kernel choose_kernel_for picks).
-                let via_matmul = (part == "forward" && matmul_fits(&wp, p)).then(|| {
+                let via_matmul = (part == "forward" && matmul_fits(&wp)).then(|| {
                     time(ConvKernel::Matmul);
                     (0..5).map(|_| time(ConvKernel::Matmul)).fold(f64::MAX, f64::min)
                 });

@@ -297,8 +297,10 @@ const SG_WIDE_MIN_N: usize = 256;
 /// instead of choosing by adapter (for measuring one against the other on a new GPU).
 pub const TILED_ENV: &str = "WGPU_MLKD_MATMUL_TILED";
 
-/// Smallest C (rows and columns per batch item) for the 64 x 64 tiled kernels: below it most of a tile would
-/// be idle, and the 32 x 32 register-blocked kernels leave fewer invocations without work.
+/// Smallest C (rows and columns per batch item) for the 64 x 64 tiled kernels in a batched product: below it
+/// most of a tile would be idle, and the 32 x 32 register-blocked kernels leave fewer invocations without work
+/// (the attention's products at T = 49 on an H100). A product of one batch item takes them at any height: its
+/// k slices (split-K) make up for the idle rows (49 x 768 x 768 on an H100: 2x the register-blocked kernel).
 const TILED_MIN_DIM: usize = 64;
 
 /// Whether the tiled kernels are used on this adapter: `WGPU_MLKD_MATMUL_TILED` if set, else on GPUs
@@ -317,22 +319,16 @@ pub(crate) fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
     forced.unwrap_or_else(|| gpu.is_hardware_gpu() && !gpu.subgroups_of_8())
 }
 
-/// The environment variable that picks the tiles of the workgroup-memory kernels (`64` or `128`) instead of
-/// [`large_tiles_wanted`]'s rule, for measuring on a new GPU.
+/// The environment variable that picks the tiles of the workgroup-memory kernels: `128` for the 128 x 128
+/// ones, anything else the 64 x 64 ones.
 pub const TILE_ENV: &str = "WGPU_MLKD_MATMUL_TILE";
 
-/// Whether a product on the tiled kernels takes the 128 x 128 tiles: `WGPU_MLKD_MATMUL_TILE` if set, else
-/// when they alone give [`SPLIT_K_MIN_GROUPS`] workgroups (the feature encoder's first convolutions); smaller
-/// products keep the 64 x 64 tiles, which leave a large GPU fewer idle compute units.
-fn large_tiles_wanted(dims: MatDims) -> bool {
+/// Whether the tiled kernels use 128 x 128 tiles: only when `WGPU_MLKD_MATMUL_TILE=128` (not yet faster
+/// anywhere measured: benches/RESULTS.md, "H100").
+fn large_tiles_wanted() -> bool {
     use std::sync::OnceLock;
-    static FORCED: OnceLock<Option<bool>> = OnceLock::new();
-    let forced = *FORCED.get_or_init(|| match std::env::var(TILE_ENV).ok()?.trim() {
-        "128" => Some(true),
-        "64" => Some(false),
-        _ => None,
-    });
-    forced.unwrap_or_else(|| dims.batch * dims.m.div_ceil(TILED8) * dims.n.div_ceil(TILED8) >= SPLIT_K_MIN_GROUPS)
+    static FORCED: OnceLock<bool> = OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var(TILE_ENV).is_ok_and(|v| v.trim() == "128"))
 }
 
 /// [`choose_kernel`], then the variant for this adapter: the workgroup-memory tiled kernels where
@@ -340,8 +336,9 @@ fn large_tiles_wanted(dims: MatDims) -> bool {
 /// subgroups of 8, with a workgroup shape that fits the product's width.
 pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims) -> Kernel {
     let kernel = choose_kernel(a, b, dims);
-    if dims.m >= TILED_MIN_DIM && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
-        let large = large_tiles_wanted(dims);
+    let tall_enough = dims.m >= TILED_MIN_DIM || dims.batch == 1;
+    if tall_enough && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
+        let large = large_tiles_wanted();
         match kernel {
             Kernel::Nt4 if large => return Kernel::Tiled8Nt4,
             Kernel::Nn4 if large => return Kernel::Tiled8Nn4,
@@ -369,56 +366,41 @@ pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims)
 /// never) instead of [`split_k_for`]'s rule, for measuring on a new GPU.
 pub const SPLIT_K_ENV: &str = "WGPU_MLKD_MATMUL_SPLIT_K";
 
-/// Split-K aims for at least this many workgroups: a large GPU runs one or two 256-invocation workgroups per
-/// compute unit at a time (an H100 has 132), and the linear layers of one utterance (a few hundred rows x 768
-/// columns: under 100 tiles of 64 x 64) leave most of it idle.
-const SPLIT_K_MIN_GROUPS: usize = 256;
-/// Each slice keeps at least this many k steps, so that its partial product (written once, read once by the
-/// second pass) stays small beside the arithmetic.
-const SPLIT_K_MIN_DEPTH: usize = 256;
+/// Split-K cuts k into slices of at least this many steps, as many slices as that allows up to
+/// [`SPLIT_K_MAX`]. On an H100 (benches/RESULTS.md, "H100") one utterance's linear layers (a few hundred rows
+/// x 768 columns: under 100 tiles of 64 x 64 for 132 compute units) ran 1.4-2.3x faster in slices of 192-384
+/// steps, and the products that fill the GPU anyway (the feature encoder's convolutions, 16k rows) lost 0-6%.
+const SPLIT_K_MIN_DEPTH: usize = 192;
 const SPLIT_K_MAX: usize = 8;
 
-/// Into how many k slices [`matmul_into_with`] cuts a product (1: not split). Only products on the tiled
-/// kernels (GPUs with shared memory) with one batch item and too few tiles to fill the GPU are split: the
-/// smallest number of slices that reaches [`SPLIT_K_MIN_GROUPS`] workgroups with slices of at least
-/// [`SPLIT_K_MIN_DEPTH`] k steps and k % (4 slices) == 0 (vec4 loads need each slice to start aligned).
-/// `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
-pub fn split_k_for(kernel: Kernel, dims: MatDims) -> usize {
+/// Into how many k slices [`matmul_into_with`] cuts a product (1: not split): on adapters that take the
+/// tiled kernels ([`tiled_wanted`]), products of one batch item are cut into the most slices (up to
+/// [`SPLIT_K_MAX`]) of at least [`SPLIT_K_MIN_DEPTH`] k steps with k % (4 slices) == 0 (each slice must start
+/// on a vec4 boundary). The count depends on k alone, never on the number of rows, so a product computed
+/// in row chunks (long inputs) gives the same bits as in one piece. `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
+pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     use std::sync::OnceLock;
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
     let forced = *FORCED.get_or_init(|| std::env::var(SPLIT_K_ENV).ok()?.trim().parse().ok());
-    split_k_count(kernel, dims, forced)
+    if !tiled_wanted(gpu) {
+        return 1;
+    }
+    split_k_count(dims, forced)
 }
 
-/// [`split_k_for`] with the override given (`None`: the rule).
-fn split_k_count(kernel: Kernel, dims: MatDims, forced: Option<usize>) -> usize {
-    let tiled = matches!(
-        kernel,
-        Kernel::TiledNt4
-            | Kernel::TiledNn4
-            | Kernel::TiledNt4F16b
-            | Kernel::Tiled8Nt4
-            | Kernel::Tiled8Nn4
-            | Kernel::Tiled8Nt4F16b
-    );
-    if !tiled || dims.batch != 1 {
+/// [`split_k_for`]'s count on an adapter that takes the tiled kernels, with the override given (`None`: the
+/// rule).
+fn split_k_count(dims: MatDims, forced: Option<usize>) -> usize {
+    if dims.batch != 1 {
         return 1;
     }
     if let Some(s) = forced {
         return if s > 1 && split_k_fits(dims.k, s) { s } else { 1 };
     }
-    let (tile_m, tile_n) = kernel.tile();
-    let tiles = dims.m.div_ceil(tile_m) * dims.n.div_ceil(tile_n);
-    let mut best = 1;
-    for s in 2..=SPLIT_K_MAX {
-        if tiles * best >= SPLIT_K_MIN_GROUPS || dims.k / s < SPLIT_K_MIN_DEPTH {
-            break;
-        }
-        if split_k_fits(dims.k, s) {
-            best = s;
-        }
-    }
-    best
+    (2..=SPLIT_K_MAX)
+        .rev()
+        .find(|&s| dims.k / s >= SPLIT_K_MIN_DEPTH && split_k_fits(dims.k, s))
+        .unwrap_or(1)
 }
 
 /// Whether k can be cut into `s` equal slices that each start on a vec4 boundary.
@@ -497,7 +479,7 @@ pub fn matmul_into_with(
 ) -> Result<()> {
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
-    let split = split_k_for(kernel, dims);
+    let split = split_k_for(out.gpu(), dims);
     launch(kernel, split, out, a, b, views, dims, bias, alpha, act, false)
 }
 
@@ -516,7 +498,7 @@ pub(crate) fn matmul_accumulate_into(
 ) -> Result<()> {
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
-    let split = split_k_for(kernel, dims);
+    let split = split_k_for(out.gpu(), dims);
     launch(
         kernel,
         split,
@@ -912,7 +894,7 @@ fn half_views(w: &HalfWeight, dims: MatDims) -> (View, View, View) {
 pub fn linear_half(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
     let dims = half_dims(x, w, bias)?;
     let kernel = choose_half_kernel(x.gpu(), w, dims)?;
-    linear_half_split(kernel, split_k_for(kernel, dims), x, w, bias, act)
+    linear_half_split(kernel, split_k_for(x.gpu(), dims), x, w, bias, act)
 }
 
 fn half_dims(x: &Tensor, w: &HalfWeight, bias: Option<&Tensor>) -> Result<MatDims> {
@@ -2323,39 +2305,39 @@ mod tests {
     }
 
     #[test]
-    fn split_k_rule_fills_a_large_gpu_only_where_it_pays() {
+    fn split_k_rule_depends_on_k_alone() {
         let d = |m, n, k| MatDims { batch: 1, m, n, k };
-        let rule = |kernel, dims| split_k_count(kernel, dims, None);
-        // One utterance's linear layers on the tiled kernels: 8 x 12 = 96 tiles -> 3 slices (288 workgroups).
-        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 768)), 3);
-        assert_eq!(rule(Kernel::TiledNt4F16b, d(499, 768, 3072)), 3);
-        // 149 rows: 36 tiles; k = 768 stops at 3 slices of 256, k = 3072 reaches 8 (288 workgroups).
-        assert_eq!(rule(Kernel::TiledNt4, d(149, 768, 768)), 3);
-        assert_eq!(rule(Kernel::TiledNt4, d(149, 768, 3072)), 8);
-        // Enough tiles already (FFN up, the feature encoder's convolutions), shallow k, batches, other kernels.
-        assert_eq!(rule(Kernel::TiledNt4, d(499, 3072, 768)), 1);
-        assert_eq!(rule(Kernel::TiledNn4, d(15999, 512, 1536)), 1);
-        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 400)), 1);
+        let rule = |dims| split_k_count(dims, None);
+        // The most slices of >= 192 steps, up to 8, that start on vec4 boundaries.
+        assert_eq!(rule(d(499, 768, 768)), 4);
+        assert_eq!(rule(d(499, 768, 3072)), 8);
+        assert_eq!(rule(d(15999, 512, 1536)), 8);
+        assert_eq!(rule(d(499, 768, 512)), 2);
+        assert_eq!(rule(d(499, 768, 383 * 4)), 1); // 1532 = 4 * 383: no s in 2..=8 divides 383
+        assert_eq!(rule(d(499, 768, 380)), 1); // too shallow to split
+                                               // Rows and columns never change it (row chunks of a long input give the same bits).
+        for m in [1, 7, 63, 64, 499, 100_000] {
+            assert_eq!(rule(d(m, 3072, 768)), 4);
+            assert_eq!(rule(d(m, 4, 768)), 4);
+        }
+        // Batched products are never split.
         assert_eq!(
-            rule(
-                Kernel::TiledNt4,
-                MatDims {
-                    batch: 12,
-                    m: 499,
-                    n: 499,
-                    k: 64
-                }
-            ),
+            rule(MatDims {
+                batch: 12,
+                m: 499,
+                n: 499,
+                k: 768
+            }),
             1
         );
-        assert_eq!(rule(Kernel::Nt4, d(499, 768, 768)), 1);
-        // k that 4 s does not divide skips that s: 516 = 4 * 129 only splits into 3 slices (of 172 < 256: none).
-        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 516)), 1);
-        assert_eq!(rule(Kernel::TiledNt4, d(499, 768, 1020)), 3);
         // The override: exactly N where it fits, else one pass.
-        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 3072, 768), Some(4)), 4);
-        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 768, 768), Some(5)), 1);
-        assert_eq!(split_k_count(Kernel::TiledNt4, d(499, 768, 768), Some(1)), 1);
+        assert_eq!(split_k_count(d(499, 3072, 768), Some(4)), 4);
+        assert_eq!(split_k_count(d(499, 768, 768), Some(5)), 1);
+        assert_eq!(split_k_count(d(499, 768, 768), Some(1)), 1);
+        // Adapters without the tiled kernels (lavapipe) never split.
+        if !tiled_wanted(test_gpu()) {
+            assert_eq!(split_k_for(test_gpu(), d(499, 768, 768)), 1);
+        }
     }
 
     #[test]
@@ -2544,7 +2526,7 @@ mod tests {
                 }
             }
             let picked = choose_kernel_for(gpu, av, bv, dims);
-            let picked = (picked, split_k_for(picked, dims));
+            let picked = (picked, split_k_for(gpu, dims));
             let flop = 2.0 * (batch * m * n * k) as f64;
             // Small products are recorded several times per submission (as inside a model forward), so that
             // one submission's latency does not count as kernel time: at least BENCH_MIN_GFLOP per timing.
