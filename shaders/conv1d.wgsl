@@ -524,3 +524,69 @@ fn conv1d_group_pad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     }
     gp_out[i] = v;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// The matmul route's backward (ConvKernel::Matmul in src/ops/conv1d.rs): the products run in the matmul
+// kernels; these two kernels rearrange their results.
+//
+// conv1d_dw_from_taps: the weight gradient came out tap-major, D (C_out, K, Cg_in) (the receptive-field
+// columns' order); dw is torch's (C_out, Cg_in, K).
+// conv1d_col2im: dx from G (B, G, T_out, Cg_in * K) = dy times the weight per group, in torch's column order
+// (c, k): dx[b, t, g Cg_in + c] = sum over taps k with t + P - k = stride * to, 0 <= to < T_out, of
+// G[b, g, to, c K + k], in tap order (deterministic).
+
+struct RearrangeParams {
+    n: u32,
+    t: u32,         // input frames (conv1d_col2im)
+    c_in: u32,
+    cg_in: u32,
+    groups: u32,
+    k: u32,
+    stride: u32,
+    padding: u32,
+    t_out: u32,
+}
+
+@group(0) @binding(0) var<uniform> ra_p: RearrangeParams;
+@group(0) @binding(1) var<storage, read> ra_src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> ra_dst: array<f32>;
+
+@compute @workgroup_size(256)
+fn conv1d_dw_from_taps(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // (o, c, k) in dw
+    if (i >= ra_p.n) {
+        return;
+    }
+    let k = i % ra_p.k;
+    let c = (i / ra_p.k) % ra_p.cg_in;
+    let o = i / (ra_p.k * ra_p.cg_in);
+    ra_dst[i] = ra_src[(o * ra_p.k + k) * ra_p.cg_in + c];
+}
+
+@compute @workgroup_size(256)
+fn conv1d_col2im(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // (b, t, channel) in dx
+    if (i >= ra_p.n) {
+        return;
+    }
+    let ch = i % ra_p.c_in;
+    let t = (i / ra_p.c_in) % ra_p.t;
+    let b = i / (ra_p.c_in * ra_p.t);
+    let g = ch / ra_p.cg_in;
+    let c = ch % ra_p.cg_in;
+    let row = ra_p.cg_in * ra_p.k;
+    let base = (b * ra_p.groups + g) * ra_p.t_out;
+    var s = 0.0;
+    for (var k = 0u; k < ra_p.k; k++) {
+        let tp = i32(t + ra_p.padding) - i32(k);
+        if (tp >= 0 && u32(tp) % ra_p.stride == 0u) {
+            let to = u32(tp) / ra_p.stride;
+            if (to < ra_p.t_out) {
+                s += ra_src[(base + to) * row + c * ra_p.k + k];
+            }
+        }
+    }
+    ra_dst[i] = s;
+}

@@ -3,7 +3,8 @@
 #   1. the adapter wgpu sees;
 #   2. the whole test suite on that GPU (every test binary, each under a time limit);
 #   3. the matmul kernels per model shape (register-blocked; workgroup-memory tiled 64 x 64 and 128 x 128, each
-#      with split-K; f16 weights), and the inference attention unfused against the fused kernels;
+#      with split-K; f16 weights), the inference attention unfused against the fused kernels, and the
+#      convolutions' kernels against their matmul route;
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
 #      with each choice forced the other way (tiling, tile size, split-K); the teacher with f16 linear weights;
 #      then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
@@ -92,14 +93,18 @@ timeout 60 "$kbin/bin/test-lib" --ignored --nocapture --exact ops::attention::te
     > "$logs/attention.log" 2>&1
 grep "attention B=" "$logs/attention.log" >> "$summary"
 
+say "== 3c. convolutions: the 4 x 4 kernels against the matmul route (GFLOP/s)"
+timeout 90 "$kbin/bin/test-lib" --ignored --nocapture --exact ops::conv1d::timing::bench_conv_kernels_model_shapes \
+    > "$logs/conv.log" 2>&1
+grep "GFLOP" "$logs/conv.log" >> "$summary"
+
 say "== 4. whole workloads"
 teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
 # The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K).
-for variant in default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=64 \
-    WGPU_MLKD_MATMUL_TILE=128; do
+for variant in default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128; do
     log=$logs/ours-$variant.log
     (
         [ "$variant" = default ] || export "${variant?}"

@@ -430,6 +430,20 @@ pub(crate) fn conv1d_backward_with(
     );
     let gpu = x.gpu();
     let cg_out = c_out / groups;
+    let via_matmul = match forced {
+        Some(ConvKernel::Matmul) => true,
+        None => {
+            crate::ops::matmul::tiled_wanted(gpu)
+                && backward_matmul_fits(x.shape(), cg_out, cg_in, k, padding, groups, t_out, need_dx, gpu)
+        }
+        Some(_) => false,
+    };
+    if via_matmul {
+        ensure!(
+            cg_out % BLOCK == 0 && cg_in % BLOCK == 0,
+            "{op}: the matmul route needs C_in / groups and C_out / groups % 4 == 0 (got {cg_in} and {cg_out})"
+        );
+    }
     // dx loads dy (C_out / groups channels) as vec4, its columns are input channels; dw the reverse.
     let pick = |vec4_channels: usize, col_channels: usize| match forced {
         None => choose_conv_kernel(gpu, vec4_channels, col_channels),
@@ -451,6 +465,12 @@ pub(crate) fn conv1d_backward_with(
         return Ok(Conv1dGrads { dx, dw, db });
     }
     let rows = batch * t_out;
+    if via_matmul {
+        let geometry = (stride, padding, groups, t_out);
+        backward_via_matmul(dy, x, w, geometry, dx.as_ref(), &dw)?;
+        conv1d_backward_db(gpu, dy, &db, c_out, rows)?;
+        return Ok(Conv1dGrads { dx, dw, db });
+    }
     let sum_splits = |part: &Tensor, out: &Tensor, n: usize, n_split: usize| {
         gpu.dispatch(
             &SHADER,
@@ -618,7 +638,12 @@ pub(crate) fn conv1d_backward_with(
         sum_splits(&dw_part, &dw, c_out * n_cols, n_split)?;
     }
 
-    // db: column sums of dy, in the same two stages.
+    conv1d_backward_db(gpu, dy, &db, c_out, rows)?;
+    Ok(Conv1dGrads { dx, dw, db })
+}
+
+/// db: column sums of dy over its `rows` rows, in row splits whose partials a second pass adds in order.
+fn conv1d_backward_db(gpu: &crate::gpu::Gpu, dy: &Tensor, db: &Tensor, c_out: usize, rows: usize) -> Result<()> {
     let db_split = rows.div_ceil(DB_ROWS);
     let db_part = if db_split > 1 {
         Tensor::empty(gpu, &[db_split, c_out], DType::F32)?
@@ -633,9 +658,166 @@ pub(crate) fn conv1d_backward_with(
         (db_split * c_out).div_ceil(64) as u32,
     )?;
     if db_split > 1 {
-        sum_splits(&db_part, &db, c_out, db_split)?;
+        gpu.dispatch(
+            &SHADER,
+            "conv1d_backward_sum_splits",
+            &[db_part.buffer(), db.buffer()],
+            &[c_out as u32, db_split as u32],
+            c_out.div_ceil(256) as u32,
+        )?;
     }
-    Ok(Conv1dGrads { dx, dw, db })
+    Ok(())
+}
+
+/// Whether [`conv1d_backward`] may take the matmul route on an adapter that wants it: vec4 channel counts
+/// and the intermediate tensors (the padded input copy, dy times the weight for dx) within half a binding.
+#[allow(clippy::too_many_arguments)]
+fn backward_matmul_fits(
+    x_shape: &[usize],
+    cg_out: usize,
+    cg_in: usize,
+    k: usize,
+    padding: usize,
+    groups: usize,
+    t_out: usize,
+    need_dx: bool,
+    gpu: &crate::gpu::Gpu,
+) -> bool {
+    let &[b, t, c_in] = x_shape else { return false };
+    let half = gpu.max_binding_bytes() / 2;
+    let copy = if groups > 1 || padding > 0 {
+        b * (t + 2 * padding) * c_in * 4
+    } else {
+        0
+    };
+    let cols = if need_dx { b * t_out * c_in * k * 4 } else { 0 };
+    cg_out % BLOCK == 0 && cg_in % BLOCK == 0 && copy as u64 <= half && cols as u64 <= half
+}
+
+/// The input's receptive fields for the matmul route: `(tensor, elements per batch item, per group, per
+/// frame)`; the input itself without groups and padding, else its group-major zero-padded copy.
+fn receptive_fields(x: &Tensor, groups: usize, padding: usize) -> Result<(Tensor, usize, usize, usize)> {
+    let &[batch, t, c_in] = x.shape() else {
+        bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
+    };
+    if groups == 1 && padding == 0 {
+        return Ok((x.clone(), t * c_in, 0, c_in));
+    }
+    let cg_in = c_in / groups;
+    let t_pad = t + 2 * padding;
+    let xg = Tensor::empty(x.gpu(), &[batch, groups, t_pad, cg_in], DType::F32)?;
+    let n = xg.numel();
+    ensure!(
+        n < u32::MAX as usize,
+        "conv1d: the padded input copy is beyond 2^32 elements"
+    );
+    x.gpu().dispatch(
+        &SHADER,
+        "conv1d_group_pad",
+        &[x.buffer(), xg.buffer()],
+        &[n, t, c_in, cg_in, groups, t_pad, padding].map(|v| v as u32),
+        n.div_ceil(256) as u32,
+    )?;
+    Ok((xg, groups * t_pad * cg_in, t_pad * cg_in, cg_in))
+}
+
+/// dw (and dx) of [`ConvKernel::Matmul`] (checked shapes): per group and batch item, dw += dy^T times the
+/// receptive fields (tap-major, then rearranged to torch's layout), and dx = col2im(dy times the weight).
+fn backward_via_matmul(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    (stride, padding, groups, t_out): (usize, usize, usize, usize),
+    dx: Option<&Tensor>,
+    dw: &Tensor,
+) -> Result<()> {
+    use crate::ops::matmul::{matmul_accumulate_into, matmul_into, MatDims, View};
+    let gpu = x.gpu();
+    let (&[batch, t, c_in], &[c_out, cg_in, k]) = (x.shape(), w.shape()) else {
+        bail!("conv1d_backward: bad shapes {:?} {:?}", x.shape(), w.shape());
+    };
+    let cg_out = c_out / groups;
+    let (fields, per_item, per_group, per_frame) = receptive_fields(x, groups, padding)?;
+    // dw, tap-major: D[g, o, kk * Cg_in + c] = sum over items and frames of dy[b, t, g, o] * fields[b, g, t, kk, c].
+    let taps = Tensor::empty(gpu, &[c_out, k * cg_in], DType::F32)?;
+    let dims = MatDims {
+        batch: 1,
+        m: cg_out,
+        n: k * cg_in,
+        k: t_out,
+    };
+    for g in 0..groups {
+        let out = View {
+            offset: g * cg_out * k * cg_in,
+            batch_stride: 0,
+            row_stride: k * cg_in,
+            col_stride: 1,
+        };
+        for b in 0..batch {
+            let dy_t = View {
+                offset: b * t_out * c_out + g * cg_out,
+                batch_stride: 0,
+                row_stride: 1,
+                col_stride: c_out,
+            };
+            let windows = View {
+                offset: b * per_item + g * per_group,
+                batch_stride: 0,
+                row_stride: stride * per_frame,
+                col_stride: 1,
+            };
+            if b == 0 {
+                matmul_into(&taps, out, dy, dy_t, &fields, windows, dims, None, 1.0)?;
+            } else {
+                matmul_accumulate_into(&taps, out, dy, dy_t, &fields, windows, dims, 1.0)?;
+            }
+        }
+    }
+    let n = dw.numel();
+    let params = |n: usize| [n, t, c_in, cg_in, groups, k, stride, padding, t_out].map(|v| v as u32);
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_dw_from_taps",
+        &[taps.buffer(), dw.buffer()],
+        &params(n),
+        n.div_ceil(256) as u32,
+    )?;
+    let Some(dx) = dx else { return Ok(()) };
+    // G[b, g, t, c * K + kk] = sum over o of dy[b, t, g, o] * w[g, o, c, kk] (torch's weight as it is).
+    let row = cg_in * k;
+    let cols = Tensor::empty(gpu, &[batch, groups, t_out, row], DType::F32)?;
+    let dims = MatDims {
+        batch: 1,
+        m: t_out,
+        n: row,
+        k: cg_out,
+    };
+    for g in 0..groups {
+        let weight = View {
+            offset: g * cg_out * row,
+            batch_stride: 0,
+            row_stride: row,
+            col_stride: 1,
+        };
+        for b in 0..batch {
+            let dy_v = View {
+                offset: b * t_out * c_out + g * cg_out,
+                batch_stride: 0,
+                row_stride: c_out,
+                col_stride: 1,
+            };
+            let out = View::row_major(t_out, row).at((b * groups + g) * t_out * row);
+            matmul_into(&cols, out, dy, dy_v, w, weight, dims, None, 1.0)?;
+        }
+    }
+    let n = dx.numel();
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_col2im",
+        &[cols.buffer(), dx.buffer()],
+        &params(n),
+        n.div_ceil(256) as u32,
+    )
 }
 
 /// [`ConvKernel::Matmul`]: `y` (`[B, T_out, C_out]`) from `x` through strided matmuls (checked shapes).
@@ -690,20 +872,7 @@ fn conv1d_via_matmul(
             act,
         );
     }
-    let t_pad = t + 2 * padding;
-    let xg = Tensor::empty(gpu, &[batch, groups, t_pad, cg_in], DType::F32)?;
-    let n = xg.numel();
-    ensure!(
-        n < u32::MAX as usize,
-        "conv1d: the padded input copy is beyond 2^32 elements"
-    );
-    gpu.dispatch(
-        &SHADER,
-        "conv1d_group_pad",
-        &[x.buffer(), xg.buffer()],
-        &[n, t, c_in, cg_in, groups, t_pad, padding].map(|v| v as u32),
-        n.div_ceil(256) as u32,
-    )?;
+    let (fields, per_item, per_group, per_frame) = receptive_fields(x, groups, padding)?;
     // Each group's bias as a tensor of its own (the matmul epilogue indexes the bias by output column).
     let group_bias = |g: usize| -> Result<Option<Tensor>> {
         let Some(b) = bias else { return Ok(None) };
@@ -721,9 +890,9 @@ fn conv1d_via_matmul(
         };
         for b in 0..batch {
             let windows = View {
-                offset: (b * groups + g) * t_pad * cg_in,
+                offset: b * per_item + g * per_group,
                 batch_stride: 0,
-                row_stride: stride * cg_in,
+                row_stride: stride * per_frame,
                 col_stride: 1,
             };
             let out = View {
@@ -732,7 +901,7 @@ fn conv1d_via_matmul(
                 row_stride: c_out,
                 col_stride: 1,
             };
-            matmul_into_with(y, out, &xg, windows, &w.packed, weight, dims, gb.as_ref(), 1.0, act)?;
+            matmul_into_with(y, out, &fields, windows, &w.packed, weight, dims, gb.as_ref(), 1.0, act)?;
         }
     }
     Ok(())
@@ -1291,6 +1460,70 @@ mod tests {
         }
     }
 
+    /// The matmul route's backward (dw from tap-major products, dx by col2im) against the f64 reference, on
+    /// shapes with groups, padding, strides, K > T and the positional conv's taps.
+    #[test]
+    fn matmul_backward_matches_reference() {
+        let gpu = test_gpu();
+        let cases: [(&str, Case); 6] = [
+            ("c12 k3 s2", (2, 37, 12, 44, 3, 2, 0, 1, false, false)),
+            ("c36 k2 s2 pad", (1, 29, 36, 40, 2, 2, 1, 1, false, false)),
+            ("grouped cg 12 k9 pad", (2, 21, 48, 48, 9, 1, 4, 4, false, false)),
+            (
+                "positional k128 g16 pad 64",
+                (2, 19, 64, 64, 128, 1, 64, 16, false, false),
+            ),
+            ("k > t", (1, 3, 4, 8, 7, 1, 3, 1, false, false)),
+            ("stride 3 g2", (2, 50, 8, 16, 4, 3, 1, 2, false, false)),
+        ];
+        for (i, (name, (b, t, c_in, c_out, k, s, p, g, _, _))) in cases.into_iter().enumerate() {
+            let seed = 1700 + 10 * i as u64;
+            let cg_in = c_in / g;
+            let t_out = (t + 2 * p - k) / s + 1;
+            let xv = random_vec(seed, b * t * c_in, 1.0);
+            let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
+            let dyv = random_vec(seed + 3, b * t_out * c_out, 1.0);
+            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
+            let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
+            let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
+            let grads = |need_dx| conv1d_backward_with(Some(ConvKernel::Matmul), &dy, &x, &w, s, p, g, need_dx);
+            let got = grads(true).unwrap();
+            let (dx, dw, db) = reference::conv1d_backward(
+                &to_f64(&dyv),
+                &to_f64(&xv),
+                [b, t, c_in],
+                &to_f64(&wv),
+                [c_out, cg_in, k],
+                s,
+                p,
+                g,
+            );
+            let got_dx = got.dx.as_ref().unwrap().to_vec().unwrap();
+            assert_close(&format!("{name} matmul dx"), &got_dx, &dx, Tol::KERNEL);
+            assert_close(
+                &format!("{name} matmul dw"),
+                &got.dw.to_vec().unwrap(),
+                &dw,
+                Tol::KERNEL,
+            );
+            assert_close(
+                &format!("{name} matmul db"),
+                &got.db.to_vec().unwrap(),
+                &db,
+                Tol::KERNEL,
+            );
+            let no_dx = grads(false).unwrap();
+            assert!(no_dx.dx.is_none());
+            same_bits(&format!("{name} dw without dx"), &got.dw, &no_dx.dw);
+        }
+        // Channel counts the route cannot load as vec4 are refused, not miscomputed.
+        let x = Tensor::zeros(gpu, &[1, 8, 6]).unwrap();
+        let w = Tensor::zeros(gpu, &[4, 6, 3]).unwrap();
+        let dy = Tensor::zeros(gpu, &[1, 6, 4]).unwrap();
+        let e = conv1d_backward_with(Some(ConvKernel::Matmul), &dy, &x, &w, 1, 0, 1, true).unwrap_err();
+        assert!(format!("{e:#}").contains("% 4 == 0"), "{e:#}");
+    }
+
     #[test]
     fn subgroup_dw_with_row_splits_matches_block4_bitwise() {
         // 2 x 1001 rows in several splits (the 4 x 4 kernel's grid is small here), padding at both ends.
@@ -1457,10 +1690,6 @@ mod timing {
     #[ignore]
     fn bench_conv_kernels_model_shapes() {
         let gpu = test_gpu();
-        if !gpu.subgroups_of_8() {
-            eprintln!("adapter without subgroups of 8: nothing to compare");
-            return;
-        }
         // (name, T_in, C_in, C_out, K, stride, padding, groups)
         let cases = [
             (
@@ -1477,9 +1706,20 @@ mod timing {
             ("layer5 399 -> 199 k2", 399, 512, 512, 2, 2, 0, 1),
             ("layer6 199 -> 99 k2", 199, 512, 512, 2, 2, 0, 1),
             ("pos conv 99, k128 g16", 99, 768, 768, 128, 1, 64, 16),
+            ("pos conv 499, k128 g16", 499, 768, 768, 128, 1, 64, 16),
         ];
-        let old_new = [ConvKernel::Block4, ConvKernel::Subgroup];
+        // The 4 x 4 kernels first (the baseline), then the subgroup ones where the adapter has them, then the
+        // matmul route.
+        let mut kernels = vec![ConvKernel::Block4];
+        if gpu.subgroups_of_8() {
+            kernels.push(ConvKernel::Subgroup);
+        }
+        kernels.push(ConvKernel::Matmul);
+        let only = std::env::var("BENCH_ONLY").ok(); // a part of a case name
         for (name, t, c_in, c_out, k, s, p, g) in cases {
+            if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
+                continue;
+            }
             let t_out = (t + 2 * p - k) / s + 1;
             let x = Tensor::from_slice(gpu, &random_vec(1, t * c_in, 1.0), &[1, t, c_in]).unwrap();
             let wv = random_vec(2, c_out * c_in / g * k, 0.1);
@@ -1506,27 +1746,21 @@ mod timing {
                     gpu.sync().unwrap();
                     start.elapsed().as_secs_f64()
                 };
-                for kern in old_new {
+                for &kern in &kernels {
                     time(kern); // compiles the pipelines
                 }
-                let mut best = [f64::MAX; 2];
+                let mut best = vec![f64::MAX; kernels.len()];
                 for _ in 0..5 {
-                    for (i, &kern) in old_new.iter().enumerate() {
+                    for (i, &kern) in kernels.iter().enumerate() {
                         best[i] = best[i].min(time(kern));
                     }
                 }
-                // The forward also as a strided matmul, where it fits (the kernel choose_kernel_for picks).
-                let via_matmul = (part == "forward" && matmul_fits(&wp)).then(|| {
-                    time(ConvKernel::Matmul);
-                    (0..5).map(|_| time(ConvKernel::Matmul)).fold(f64::MAX, f64::min)
-                });
-                eprintln!(
-                    "{name} {part}: Block4 {:.2} GFLOP/s, Subgroup {:.2} GFLOP/s ({:.2}x){}",
-                    flop / best[0],
-                    flop / best[1],
-                    best[0] / best[1],
-                    via_matmul.map_or(String::new(), |m| format!(", Matmul {:.2} GFLOP/s", flop / m))
-                );
+                let line: Vec<String> = kernels
+                    .iter()
+                    .zip(&best)
+                    .map(|(kern, t)| format!("{kern:?} {:.2} GFLOP/s ({:.2}x)", flop / t, best[0] / t))
+                    .collect();
+                eprintln!("{name} {part}: {}", line.join(", "));
             }
         }
     }

@@ -397,15 +397,25 @@ fn split_k_count(dims: MatDims, forced: Option<usize>) -> usize {
     if let Some(s) = forced {
         return if s > 1 && split_k_fits(dims.k, s) { s } else { 1 };
     }
-    (2..=SPLIT_K_MAX)
-        .rev()
-        .find(|&s| dims.k / s >= SPLIT_K_MIN_DEPTH && split_k_fits(dims.k, s))
-        .unwrap_or(1)
+    let s = (dims.k / SPLIT_K_MIN_DEPTH).clamp(1, SPLIT_K_MAX);
+    // Slices of >= 192 steps rounded up to vec4 always come out at s (checked anyway).
+    if split_k_fits(dims.k, s) {
+        s
+    } else {
+        1
+    }
 }
 
-/// Whether k can be cut into `s` equal slices that each start on a vec4 boundary.
+/// Whether k can be cut into `s` slices of whole vec4 (each but the last `split_k_slice` long; the last may be
+/// shorter).
 fn split_k_fits(k: usize, s: usize) -> bool {
-    k % (4 * s) == 0
+    s >= 1 && k >= 4 * s && k.div_ceil(split_k_slice(k, s)) == s
+}
+
+/// The k steps of each slice but the last: k / s rounded up to a multiple of 4, so that every slice starts
+/// on a vec4 boundary.
+fn split_k_slice(k: usize, s: usize) -> usize {
+    k.div_ceil(s).div_ceil(4) * 4
 }
 
 /// True when no two (batch, row, col) positions of the view share an element: sorted by stride, every
@@ -601,10 +611,7 @@ fn launch(
     );
     if split > 1 {
         if batch != 1 || !split_k_fits(k, split) {
-            bail!(
-                "matmul: split-K into {split} slices needs one batch item and k % {} == 0, got {dims:?}",
-                4 * split
-            );
+            bail!("matmul: split-K into {split} slices needs one batch item and k cut into {split} slices of whole vec4, got {dims:?}");
         }
         return launch_split_k(
             kernel,
@@ -688,9 +695,11 @@ fn launch_split_k(
     accumulate: bool,
 ) -> Result<()> {
     let MatDims { m, n, k, .. } = dims;
-    let slice = k / split;
+    let slice = split_k_slice(k, split);
+    let (full, rest) = (k / slice, k % slice);
     let partial = Tensor::empty(out.gpu(), &[split, m, n], DType::F32)?;
-    // Slice s of A is columns s*slice.., of B rows s*slice..: the batch stride steps along k.
+    // Slice s of A is columns s*slice.., of B rows s*slice..: the batch stride steps along k. The full slices
+    // are one batched product; a shorter last slice is one more.
     let a_slices = View {
         batch_stride: slice * av.col_stride,
         ..av
@@ -700,25 +709,34 @@ fn launch_split_k(
         ..bv
     };
     let slices = MatDims {
-        batch: split,
+        batch: full,
         m,
         n,
         k: slice,
     };
+    let no_epilogue = (None, 1.0, Activation::None, false);
     let views = (View::row_major(m, n), a_slices, b_slices);
-    launch(
-        kernel,
-        1,
-        &partial,
-        a,
-        b,
-        views,
-        slices,
-        None,
-        1.0,
-        Activation::None,
-        false,
-    )?;
+    launch_parts(kernel, &partial, a, b, views, slices, no_epilogue)?;
+    if rest > 0 {
+        let last = (
+            View::row_major(m, n).at(full * m * n),
+            a_slices.at(av.offset + full * slice * av.col_stride),
+            b_slices.at(bv.offset + full * slice * bv.row_stride),
+        );
+        launch_parts(
+            kernel,
+            &partial,
+            a,
+            b,
+            last,
+            MatDims {
+                batch: 1,
+                k: rest,
+                ..slices
+            },
+            no_epilogue,
+        )?;
+    }
     let flags = if bias.is_some() { FLAG_BIAS } else { 0 }
         | if act == Activation::Gelu { FLAG_GELU } else { 0 }
         | if accumulate { FLAG_ACCUMULATE } else { 0 };
@@ -745,6 +763,19 @@ fn launch_split_k(
         &params,
         elements.div_ceil(256) as u32,
     )
+}
+
+/// [`launch`] in one pass with (bias, alpha, activation, accumulate) as one argument.
+fn launch_parts(
+    kernel: Kernel,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    views: (View, View, View),
+    dims: MatDims,
+    (bias, alpha, act, accumulate): (Option<&Tensor>, f32, Activation, bool),
+) -> Result<()> {
+    launch(kernel, 1, out, a, b, views, dims, bias, alpha, act, accumulate)
 }
 
 fn linear_impl(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
@@ -2283,37 +2314,61 @@ mod tests {
                 assert!(run() == first, "split-K {kernel:?}/{split} is not deterministic");
             }
         }
-        // A split that does not cut k into aligned slices, or a batch, is refused with a clear error.
+        // k that the slices do not divide: a shorter last slice (97 = 36 + 36 + 25, = 6 * 16 + 1; 96 = 4 * 20 + 16).
+        let odd = MatDims { k: 97, ..dims };
+        let nn_odd = (View::row_major(m, 97), View::row_major(97, n));
+        for (kernel, split, dims, (av, bv)) in [
+            (Kernel::TiledNn4, 3, odd, nn_odd),
+            (Kernel::General, 7, odd, nn_odd),
+            (Kernel::TiledNt4, 5, dims, nt),
+        ] {
+            let views = (cv, av, bv);
+            check_strided_split(
+                "split-K",
+                71,
+                dims,
+                views,
+                true,
+                1.0,
+                Activation::None,
+                Some(kernel),
+                split,
+                Tol::KERNEL,
+            );
+        }
+        // More slices than k has vec4, or a batch, is refused with a clear error.
         let (a, b) = (upload(&[0.0; 70 * 96]), upload(&[0.0; 96 * 100]));
         let c = Tensor::empty(test_gpu(), &[70 * 100], DType::F32).unwrap();
         let views = (View::row_major(m, n), nt.0, nt.1);
+        let small = MatDims { k: 8, ..dims };
         let err = launch(
             Kernel::Nt4,
-            5,
+            3,
             &c,
             &a,
             &b,
             views,
-            dims,
+            small,
             None,
             1.0,
             Activation::None,
             false,
         )
         .unwrap_err();
-        assert!(err.to_string().contains("k % 20 == 0"), "{err}");
+        assert!(err.to_string().contains("slices of whole vec4"), "{err}");
     }
 
     #[test]
     fn split_k_rule_depends_on_k_alone() {
         let d = |m, n, k| MatDims { batch: 1, m, n, k };
         let rule = |dims| split_k_count(dims, None);
-        // The most slices of >= 192 steps, up to 8, that start on vec4 boundaries.
+        // As many slices of >= 192 steps as k holds, up to 8 (the last may be shorter).
         assert_eq!(rule(d(499, 768, 768)), 4);
         assert_eq!(rule(d(499, 768, 3072)), 8);
         assert_eq!(rule(d(15999, 512, 1536)), 8);
         assert_eq!(rule(d(499, 768, 512)), 2);
-        assert_eq!(rule(d(499, 768, 383 * 4)), 1); // 1532 = 4 * 383: no s in 2..=8 divides 383
+        assert_eq!(rule(d(512, 1536, 3199)), 8); // a conv's weight gradient: k = frames
+        assert_eq!(rule(d(499, 768, 383 * 4)), 7); // 1532 / 192
         assert_eq!(rule(d(499, 768, 380)), 1); // too shallow to split
                                                // Rows and columns never change it (row chunks of a long input give the same bits).
         for m in [1, 7, 63, 64, 499, 100_000] {
@@ -2332,7 +2387,8 @@ mod tests {
         );
         // The override: exactly N where it fits, else one pass.
         assert_eq!(split_k_count(d(499, 3072, 768), Some(4)), 4);
-        assert_eq!(split_k_count(d(499, 768, 768), Some(5)), 1);
+        assert_eq!(split_k_count(d(499, 768, 768), Some(5)), 5);
+        assert_eq!(split_k_count(d(499, 768, 8), Some(3)), 1);
         assert_eq!(split_k_count(d(499, 768, 768), Some(1)), 1);
         // Adapters without the tiled kernels (lavapipe) never split.
         if !tiled_wanted(test_gpu()) {
