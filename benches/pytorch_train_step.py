@@ -33,7 +33,13 @@ p.add_argument("--threads", type=int, default=2)
 p.add_argument("--teacher", default=None)
 p.add_argument("--student-layers", type=int, default=2)
 p.add_argument("--device", default="cpu")
+# TF32 (tensor cores at a 10-bit mantissa) is PyTorch's default for cuDNN convolutions; --no-tf32 keeps every
+# product in f32, as the WGSL kernels compute.
+p.add_argument("--no-tf32", action="store_true")
 a = p.parse_args()
+if a.no_tf32:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 over = dict(num_hidden_layers=a.student_layers, hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.1,

@@ -118,17 +118,21 @@ log=$logs/ours-f16.log
 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --f16 > "$log" 2>&1
 say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
 $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
-for dtype in float32 float16; do
-    log=$logs/torch-teacher-$dtype.log
+for dtype in float32 float16 "float32 --no-tf32"; do
+    log=$logs/torch-teacher-${dtype// /}.log
+    # shellcheck disable=SC2086 # "float32 --no-tf32" is two arguments
     timeout 90 python3 benches/pytorch_teacher.py --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --device cuda \
-        --dtype "$dtype" > "$log" 2>&1
+        --dtype $dtype > "$log" 2>&1
     say "PyTorch CUDA teacher 10 s, $dtype: $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
 $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
 done
-log=$logs/torch-train.log
-timeout 90 python3 benches/pytorch_train_step.py --teacher "$teacher" --batch 2 --seconds 2 --repeat ${REPEAT:-20} \
-    --device cuda > "$log" 2>&1
-say "PyTorch CUDA train step: $(value student_train_step_seconds "$log") s; $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
+for tf32 in "" --no-tf32; do
+    log=$logs/torch-train$tf32.log
+    # shellcheck disable=SC2086
+    timeout 90 python3 benches/pytorch_train_step.py --teacher "$teacher" --batch 2 --seconds 2 --repeat ${REPEAT:-20} \
+        --device cuda $tf32 > "$log" 2>&1
+    say "PyTorch CUDA train step $tf32: $(value student_train_step_seconds "$log") s; $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
+done
 
 say "== 5. profiles (each kernel submitted and waited for alone; GPU times from timestamp queries where the adapter has them)"
 WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 1 \
