@@ -63,6 +63,10 @@ if ! grep -q "^selected:" "$logs/devices.txt" || { [ -z "${GPU_KIT_ALLOW_CPU:-}"
     exit 1
 fi
 
+# GPU_KIT_QUICK=1: only the whole workloads, by default and with the tiled matmul off, beside PyTorch (for a
+# last check when little device time is left).
+quick=${GPU_KIT_QUICK:-}
+if [ -z "$quick" ]; then
 say "== 2. tests on the GPU"
 # Each suite under TEST_LIMIT_S, and all of them under TEST_BUDGET_S, so that a hang leaves time for the benches.
 test_end=$(( $(date +%s) + ${TEST_BUDGET_S:-200} ))
@@ -98,13 +102,17 @@ timeout 90 "$kbin/bin/test-lib" --ignored --nocapture --exact ops::conv1d::timin
     > "$logs/conv.log" 2>&1
 grep "GFLOP" "$logs/conv.log" >> "$summary"
 
+fi # not quick
+
 say "== 4. whole workloads"
 teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
 # The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K).
-for variant in default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128; do
+variants="default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128"
+[ -n "$quick" ] && variants="default"
+for variant in $variants; do
     log=$logs/ours-$variant.log
     (
         [ "$variant" = default ] || export "${variant?}"
@@ -114,11 +122,15 @@ for variant in default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_
     say "wgpu-mlkd ($variant): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
 train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 done
+[ -z "$quick" ] && {
 log=$logs/ours-f16.log
 timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --f16 > "$log" 2>&1
 say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
 $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
-for dtype in float32 float16 "float32 --no-tf32"; do
+}
+dtypes=(float32 float16 "float32 --no-tf32")
+[ -n "$quick" ] && dtypes=(float32 "float32 --no-tf32")
+for dtype in "${dtypes[@]}"; do
     log=$logs/torch-teacher-${dtype// /}.log
     # shellcheck disable=SC2086 # "float32 --no-tf32" is two arguments
     timeout 90 python3 benches/pytorch_teacher.py --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --device cuda \
@@ -126,7 +138,9 @@ for dtype in float32 float16 "float32 --no-tf32"; do
     say "PyTorch CUDA teacher 10 s, $dtype: $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
 $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
 done
-for tf32 in "" --no-tf32; do
+tf32s=("" --no-tf32)
+[ -n "$quick" ] && tf32s=("")
+for tf32 in "${tf32s[@]}"; do
     log=$logs/torch-train$tf32.log
     # shellcheck disable=SC2086
     timeout 90 python3 benches/pytorch_train_step.py --teacher "$teacher" --batch 2 --seconds 2 --repeat ${REPEAT:-20} \
@@ -134,6 +148,17 @@ for tf32 in "" --no-tf32; do
     say "PyTorch CUDA train step $tf32: $(value student_train_step_seconds "$log") s; $(grep -E "peak GPU" "$log" | tr '\n' ' ')"
 done
 
+if [ -n "$quick" ]; then
+    log=$logs/ours-WGPU_MLKD_MATMUL_TILED=0.log
+    (
+        export WGPU_MLKD_MATMUL_TILED=0
+        timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20}
+        timeout 90 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat ${REPEAT:-20}
+    ) > "$log" 2>&1
+    say "wgpu-mlkd (WGPU_MLKD_MATMUL_TILED=0): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") \
+s/audio-s, train step $(value student_train_step_seconds "$log") s"
+    exit 0
+fi
 say "== 5. profiles (each kernel submitted and waited for alone; GPU times from timestamp queries where the adapter has them)"
 WGPU_MLKD_PROFILE=1 timeout 60 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat 1 \
     > "$logs/profile-teacher.log" 2>&1

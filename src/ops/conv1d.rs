@@ -55,15 +55,6 @@ fn matmul_fits(w: &Conv1dWeight) -> bool {
     (w.c_out / w.groups) % BLOCK == 0
 }
 
-/// Bytes of the group-major padded copy the matmul route makes of a grouped or padded conv's input
-/// (none for the others, which read the input in place).
-fn matmul_route_copy_bytes(x_shape: &[usize], w: &Conv1dWeight, padding: usize) -> u64 {
-    match x_shape {
-        &[b, t, c_in] if w.groups > 1 || padding > 0 => (b * (t + 2 * padding) * c_in * 4) as u64,
-        _ => 0,
-    }
-}
-
 /// Channels per group, along the product's columns, below which the subgroup kernels leave too many lanes
 /// idle to pay (a subgroup spans 32 channels of one group; a workgroup 8 subgroups).
 const SG_MIN_COLS: usize = 32;
@@ -206,10 +197,11 @@ pub fn conv1d_packed(
     padding: usize,
     gelu: bool,
 ) -> Result<Tensor> {
-    // Where the tiled matmul is chosen (GPUs with shared memory), the convolutions it can run go through it
-    // (the positional conv ran 2.5 ms in the 4 x 4 kernel on an H100 at any length: too few workgroups).
-    let copy_fits = matmul_route_copy_bytes(x.shape(), w, padding) <= x.gpu().max_binding_bytes();
-    let kernel = if matmul_fits(w) && copy_fits && crate::ops::matmul::tiled_wanted(x.gpu()) {
+    // Where the tiled matmul is chosen (GPUs with shared memory), the feature encoder's convolutions go
+    // through it (1.6-1.8x the 4 x 4 kernel on an H100). Grouped or padded ones (the positional conv) keep the
+    // 4 x 4 kernel there: one matmul per group of 48 channels ran at 0.52-0.54x of it (benches/RESULTS.md).
+    let plain = w.groups == 1 && padding == 0;
+    let kernel = if plain && matmul_fits(w) && crate::ops::matmul::tiled_wanted(x.gpu()) {
         ConvKernel::Matmul
     } else {
         choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups)
@@ -432,8 +424,12 @@ pub(crate) fn conv1d_backward_with(
     let cg_out = c_out / groups;
     let via_matmul = match forced {
         Some(ConvKernel::Matmul) => true,
+        // With dx (every layer but the first, whose input is the waveform): 1.03-1.24x the 4 x 4 kernels for
+        // the feature encoder and 2.8x for the positional conv at 99 frames on an H100 (0.86x at 499); dw
+        // alone ties or loses (0.28-1.24x), so it keeps them.
         None => {
             crate::ops::matmul::tiled_wanted(gpu)
+                && need_dx
                 && backward_matmul_fits(x.shape(), cg_out, cg_in, k, padding, groups, t_out, need_dx, gpu)
         }
         Some(_) => false,
@@ -830,7 +826,7 @@ fn conv1d_via_matmul(
     padding: usize,
     gelu: bool,
 ) -> Result<()> {
-    use crate::ops::matmul::{matmul_into_with, Activation, MatDims, View};
+    use crate::ops::matmul::{matmul_into_tall, matmul_into_with, Activation, MatDims, View};
     let gpu = x.gpu();
     let &[batch, t, c_in] = x.shape() else {
         bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
@@ -859,18 +855,8 @@ fn conv1d_via_matmul(
             ..View::row_major(k * c_in, c_out)
         };
         let out = View::row_major(t_out, c_out);
-        return matmul_into_with(
-            y,
-            out,
-            x,
-            windows,
-            &w.packed,
-            weight,
-            MatDims { batch, ..dims },
-            bias,
-            1.0,
-            act,
-        );
+        let dims = MatDims { batch, ..dims };
+        return matmul_into_tall(y, out, x, windows, &w.packed, weight, dims, bias, act);
     }
     let (fields, per_item, per_group, per_frame) = receptive_fields(x, groups, padding)?;
     // Each group's bias as a tensor of its own (the matmul epilogue indexes the bias by output column).

@@ -493,6 +493,35 @@ pub fn matmul_into_with(
     launch(kernel, split, out, a, b, views, dims, bias, alpha, act, false)
 }
 
+/// [`matmul_into_with`] for a product known to be tall (a convolution over frames: thousands of rows that
+/// fill a GPU by themselves): never split-K (8 slices cost the feature encoder's convolutions 9% and a
+/// scratch of 8 x C on an H100), and the 128 x 128 tiles where the tiled kernels are taken and there are at
+/// least [`TALL_MIN_ROWS`] rows (1.2-1.3x the 64 x 64 ones for those convolutions). Bit-identical to
+/// [`matmul_into_with`] without split-K, at any number of rows.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into_tall(
+    out: &Tensor,
+    out_view: View,
+    a: &Tensor,
+    a_view: View,
+    b: &Tensor,
+    b_view: View,
+    dims: MatDims,
+    bias: Option<&Tensor>,
+    act: Activation,
+) -> Result<()> {
+    let kernel = match choose_kernel_for(out.gpu(), a_view, b_view, dims) {
+        Kernel::TiledNt4 if dims.m >= TALL_MIN_ROWS => Kernel::Tiled8Nt4,
+        Kernel::TiledNn4 if dims.m >= TALL_MIN_ROWS => Kernel::Tiled8Nn4,
+        other => other,
+    };
+    let views = (out_view, a_view, b_view);
+    launch(kernel, 1, out, a, b, views, dims, bias, 1.0, act, false)
+}
+
+/// Rows from which [`matmul_into_tall`] takes the 128 x 128 tiles.
+pub const TALL_MIN_ROWS: usize = 2048;
+
 /// `C += alpha * A·B` over views (same rules as [`matmul_into`]). For sums built up chunk by chunk inside one
 /// backward (attention over query-row chunks), always into a tensor that backward owns.
 #[allow(clippy::too_many_arguments)]
