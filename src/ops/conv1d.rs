@@ -43,10 +43,12 @@ pub enum ConvKernel {
     Subgroup,
     /// The forward as strided matmuls (`src/ops/matmul.rs`): the receptive fields of a channels-last input
     /// are rows of one view (row stride `stride * C_in`, K * C_in contiguous columns) and the packed weight is
-    /// `[K * C_in, C_out]`, so the GPU's matmul kernels (the workgroup-memory tiled ones, split-K) run the
-    /// feature encoder. With groups or padding (the positional conv) the input is first copied group-major
-    /// and zero-padded (`[B, G, T + 2 P, C_in / G]`, `conv1d_group_pad`), then each (batch item, group) is one
-    /// matmul. Forward only; needs C_out / groups % 4 == 0 (see [`matmul_fits`]).
+    /// `[K * C_in, C_out]`, so the GPU's matmul kernels run the feature encoder. With groups or padding the
+    /// input is first copied group-major and zero-padded (`[B, G, T + 2 P, C_in / G]`, `conv1d_group_pad`) and
+    /// each (batch item, group) is one matmul: [`conv1d_packed`] takes this route by default only without
+    /// groups and padding, [`conv1d_backward`] (dw from tap-major products, dx by col2im) whenever it needs dx,
+    /// both only where the tiled matmul is chosen. Needs C_out / groups % 4 == 0 (and C_in / groups for the
+    /// backward).
     Matmul,
 }
 

@@ -7,8 +7,11 @@
 //! The kernel is picked by layout: A and B contiguous along k (linear layers, Q K^T) take a vec4 path, B
 //! contiguous along n (P V) another, everything else a scalar strided path; then by adapter
 //! ([`choose_kernel_for`]): subgroup kernels where subgroups have 8 invocations (lavapipe), 64 x 64 tiles staged
-//! in workgroup memory on other hardware GPUs, 4 x 4 register blocks elsewhere. All compute the same sums, bit
-//! for bit. [`linear_half`] runs the same kernels over weights stored in f16 ([`HalfWeight`]).
+//! in workgroup memory on other hardware GPUs (128 x 128 for tall products, [`matmul_into_tall`]), 4 x 4
+//! register blocks elsewhere. All compute the same sums, bit for bit. On the GPUs that take the tiled kernels,
+//! products of one batch item are also cut along k into slices whose partial products a second pass adds in
+//! order (split-K, [`split_k_for`]): that changes the rounding, never the determinism. [`linear_half`] runs the
+//! same kernels over weights stored in f16 ([`HalfWeight`]).
 
 use std::sync::LazyLock;
 
@@ -323,8 +326,9 @@ pub(crate) fn tiled_wanted(gpu: &crate::gpu::Gpu) -> bool {
 /// ones, anything else the 64 x 64 ones.
 pub const TILE_ENV: &str = "WGPU_MLKD_MATMUL_TILE";
 
-/// Whether the tiled kernels use 128 x 128 tiles: only when `WGPU_MLKD_MATMUL_TILE=128` (not yet faster
-/// anywhere measured: benches/RESULTS.md, "H100").
+/// Whether every tiled product takes 128 x 128 tiles: only when `WGPU_MLKD_MATMUL_TILE=128`. By default only
+/// tall products do ([`matmul_into_tall`]): for one utterance's linear layers the 64 x 64 tiles with split-K
+/// were as fast or faster on an H100 (benches/RESULTS.md, "H100").
 fn large_tiles_wanted() -> bool {
     use std::sync::OnceLock;
     static FORCED: OnceLock<bool> = OnceLock::new();
