@@ -8,5 +8,6 @@ pub mod gpu;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod seed;
 pub mod tape;
 pub mod train;

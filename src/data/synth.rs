@@ -191,15 +191,11 @@ impl Speaker {
 
 /// An `StdRng` seeded by a hash of `seed` and `parts`, so every stream is independent.
 fn rng_for(seed: u64, parts: &[u64]) -> StdRng {
-    let mut h = seed ^ 0x9e37_79b9_7f4a_7c15;
+    use crate::seed::{splitmix64, GOLDEN};
+    let mut h = seed ^ GOLDEN;
     for &p in parts {
-        // splitmix64 over the running hash
-        h = h
-            .wrapping_add(p.wrapping_mul(0xbf58_476d_1ce4_e5b9))
-            .wrapping_add(0x9e37_79b9_7f4a_7c15);
-        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^= h >> 31;
+        // SplitMix64 over the running hash, each part mixed in first.
+        h = splitmix64(h.wrapping_add(p.wrapping_mul(0xbf58_476d_1ce4_e5b9)));
     }
     StdRng::seed_from_u64(h)
 }

@@ -487,17 +487,10 @@ impl<'a> BatchSampler<'a> {
     }
 }
 
-/// SplitMix64's finaliser: a bijective 64-bit mix.
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e3779b97f4a7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
-}
-
 /// The seed of the random draws at `(seed, epoch, index)` (`index = u64::MAX`: the epoch's shuffle).
 fn key(seed: u64, epoch: u64, index: u64) -> u64 {
-    splitmix(splitmix(splitmix(seed ^ 0x6d6c6b64_74726169) ^ epoch) ^ index)
+    use crate::seed::splitmix64;
+    splitmix64(splitmix64(splitmix64(seed ^ 0x6d6c6b64_74726169) ^ epoch) ^ index)
 }
 
 /// Splits `ids` (with `speakers[i]` the speaker of `ids[i]`) into training and validation ids, in input

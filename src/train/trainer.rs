@@ -337,8 +337,6 @@ pub fn distill_step(
 
 /// The tape's dropout seed of update `step` of a run seeded `seed`.
 pub fn step_seed(seed: u64, step: usize) -> u64 {
-    let mut z = seed ^ 0x7374_6570_5f73_6565u64.wrapping_add((step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    use crate::seed::{mix64, GOLDEN};
+    mix64(seed ^ 0x7374_6570_5f73_6565u64.wrapping_add((step as u64).wrapping_mul(GOLDEN)))
 }
