@@ -408,7 +408,9 @@ fn stage8_b(col: u32, p0: u32, v: vec4<f32>) {
 
 // The accumulators are 16 named vec4 (c[2 r + h]: row r of the invocation's 8, 0..3 at 4 ty.. and 4..7 at
 // 64 + 4 ty.., column half h) rather than an array: an array indexed in a loop went to local memory on an H100
-// (the first version of these kernels ran 7-10x slower than the 64 x 64 ones).
+// (the first version of these kernels ran 7-10x slower than the 64 x 64 ones). So both entry points below
+// spell out the same 32 multiply-adds per k step: a helper taking them by pointer or in a struct is the
+// obvious refactor, but whether a driver keeps those in registers needs a GPU to confirm.
 
 // A and B contiguous along k (the layout of matmul_nt4_forward).
 @compute @workgroup_size(256)

@@ -44,10 +44,8 @@ pub fn test_gpu() -> &'static Gpu {
 mod tests {
     use super::*;
 
-    /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;
-    /// without profiling there is no report.
-    #[test]
-    fn the_profile_counts_each_kernel() {
+    /// A device of its own with the profile on, after two profiled adds: (device, [3, 6, 9]).
+    fn profiled_adds() -> (Gpu, Tensor) {
         let options = GpuOptions {
             profile: true,
             ..GpuOptions::from_env()
@@ -56,6 +54,14 @@ mod tests {
         let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
         let y = crate::ops::elementwise::add(&x, &x).unwrap();
         let z = crate::ops::elementwise::add(&y, &x).unwrap();
+        (g, z)
+    }
+
+    /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;
+    /// without profiling there is no report.
+    #[test]
+    fn the_profile_counts_each_kernel() {
+        let (g, z) = profiled_adds();
         assert_eq!(z.to_vec().unwrap(), vec![3.0, 6.0, 9.0]);
         let report = g.profile_report().unwrap();
         eprintln!("{report}");
@@ -76,14 +82,7 @@ mod tests {
     /// no GPU time at all.
     #[test]
     fn the_profile_times_each_kernel_on_the_gpu() {
-        let options = GpuOptions {
-            profile: true,
-            ..GpuOptions::from_env()
-        };
-        let g = Gpu::new(&options).unwrap();
-        let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
-        let y = crate::ops::elementwise::add(&x, &x).unwrap();
-        let z = crate::ops::elementwise::add(&y, &x).unwrap();
+        let (g, z) = profiled_adds();
         let a = Tensor::from_slice(&g, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3]).unwrap();
         let b = Tensor::from_slice(&g, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2]).unwrap();
         let c = crate::ops::matmul::matmul(&a, &b).unwrap();

@@ -424,24 +424,26 @@ pub(crate) fn conv1d_backward_with(
     );
     let gpu = x.gpu();
     let cg_out = c_out / groups;
+    let vec4_channels = cg_out % BLOCK == 0 && cg_in % BLOCK == 0;
     let via_matmul = match forced {
-        Some(ConvKernel::Matmul) => true,
+        Some(ConvKernel::Matmul) => {
+            ensure!(
+                vec4_channels,
+                "{op}: the matmul route needs C_in / groups and C_out / groups % 4 == 0 (got {cg_in} and {cg_out})"
+            );
+            true
+        }
         // With dx (every layer but the first, whose input is the waveform): 1.03-1.24x the 4 x 4 kernels for
         // the feature encoder and 2.8x for the positional conv at 99 frames on an H100 (0.86x at 499); dw
         // alone ties or loses (0.28-1.24x), so it keeps them.
         None => {
-            crate::ops::matmul::tiled_wanted(gpu)
-                && need_dx
-                && backward_matmul_fits(x.shape(), cg_out, cg_in, k, padding, groups, t_out, need_dx, gpu)
+            need_dx
+                && vec4_channels
+                && crate::ops::matmul::tiled_wanted(gpu)
+                && backward_scratch_fits(gpu, x.shape(), k, padding, groups, t_out)
         }
         Some(_) => false,
     };
-    if via_matmul {
-        ensure!(
-            cg_out % BLOCK == 0 && cg_in % BLOCK == 0,
-            "{op}: the matmul route needs C_in / groups and C_out / groups % 4 == 0 (got {cg_in} and {cg_out})"
-        );
-    }
     // dx loads dy (C_out / groups channels) as vec4, its columns are input channels; dw the reverse.
     let pick = |vec4_channels: usize, col_channels: usize| match forced {
         None => choose_conv_kernel(gpu, vec4_channels, col_channels),
@@ -469,16 +471,6 @@ pub(crate) fn conv1d_backward_with(
         conv1d_backward_db(gpu, dy, &db, c_out, rows)?;
         return Ok(Conv1dGrads { dx, dw, db });
     }
-    let sum_splits = |part: &Tensor, out: &Tensor, n: usize, n_split: usize| {
-        gpu.dispatch(
-            &SHADER,
-            "conv1d_backward_sum_splits",
-            &[part.buffer(), out.buffer()],
-            &[n as u32, n_split as u32],
-            n.div_ceil(256) as u32,
-        )
-    };
-
     // dx: pack the weight per tap as (G, K, Cg_out, Cg_in_pad), then gather.
     if let Some(dx) = &dx {
         let cg_in_pad = cg_in.div_ceil(BLOCK) * BLOCK;
@@ -633,7 +625,7 @@ pub(crate) fn conv1d_backward_with(
         )?;
     }
     if n_split > 1 {
-        sum_splits(&dw_part, &dw, c_out * n_cols, n_split)?;
+        sum_splits(gpu, &dw_part, &dw, c_out * n_cols, n_split)?;
     }
 
     conv1d_backward_db(gpu, dy, &db, c_out, rows)?;
@@ -656,30 +648,31 @@ fn conv1d_backward_db(gpu: &crate::gpu::Gpu, dy: &Tensor, db: &Tensor, c_out: us
         (db_split * c_out).div_ceil(64) as u32,
     )?;
     if db_split > 1 {
-        gpu.dispatch(
-            &SHADER,
-            "conv1d_backward_sum_splits",
-            &[db_part.buffer(), db.buffer()],
-            &[c_out as u32, db_split as u32],
-            c_out.div_ceil(256) as u32,
-        )?;
+        sum_splits(gpu, &db_part, db, c_out, db_split)?;
     }
     Ok(())
 }
 
-/// Whether [`conv1d_backward`] may take the matmul route on an adapter that wants it: vec4 channel counts
-/// and the intermediate tensors (the padded input copy, dy times the weight for dx) within half a binding.
-#[allow(clippy::too_many_arguments)]
-fn backward_matmul_fits(
+/// `out[i] = part[0, i] + part[1, i] + ...` over `n_split` row splits of `n` values each, in split order.
+fn sum_splits(gpu: &crate::gpu::Gpu, part: &Tensor, out: &Tensor, n: usize, n_split: usize) -> Result<()> {
+    gpu.dispatch(
+        &SHADER,
+        "conv1d_backward_sum_splits",
+        &[part.buffer(), out.buffer()],
+        &[n as u32, n_split as u32],
+        n.div_ceil(256) as u32,
+    )
+}
+
+/// Whether the matmul route's scratch for a backward with dx (the padded input copy; dy times the weight, one
+/// row of K * C_in per output frame) stays within half a storage binding each.
+fn backward_scratch_fits(
+    gpu: &crate::gpu::Gpu,
     x_shape: &[usize],
-    cg_out: usize,
-    cg_in: usize,
     k: usize,
     padding: usize,
     groups: usize,
     t_out: usize,
-    need_dx: bool,
-    gpu: &crate::gpu::Gpu,
 ) -> bool {
     let &[b, t, c_in] = x_shape else { return false };
     let half = gpu.max_binding_bytes() / 2;
@@ -688,8 +681,8 @@ fn backward_matmul_fits(
     } else {
         0
     };
-    let cols = if need_dx { b * t_out * c_in * k * 4 } else { 0 };
-    cg_out % BLOCK == 0 && cg_in % BLOCK == 0 && copy as u64 <= half && cols as u64 <= half
+    let cols = b * t_out * c_in * k * 4;
+    copy as u64 <= half && cols as u64 <= half
 }
 
 /// The input's receptive fields for the matmul route: `(tensor, elements per batch item, per group, per

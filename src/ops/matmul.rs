@@ -231,6 +231,24 @@ impl Kernel {
         matches!(self, Kernel::SgNt4(_) | Kernel::SgNn4(_) | Kernel::SgNt4F16b(_))
     }
 
+    /// The 64 x 64 workgroup-memory kernel of the `Nt4` and `Nn4` layouts.
+    fn tiled(self) -> Option<Kernel> {
+        match self {
+            Kernel::Nt4 => Some(Kernel::TiledNt4),
+            Kernel::Nn4 => Some(Kernel::TiledNn4),
+            _ => None,
+        }
+    }
+
+    /// A 64 x 64 tiled kernel's 128 x 128 twin (the same sums, bit for bit); any other kernel unchanged.
+    fn with_large_tiles(self) -> Kernel {
+        match self {
+            Kernel::TiledNt4 => Kernel::Tiled8Nt4,
+            Kernel::TiledNn4 => Kernel::Tiled8Nn4,
+            other => other,
+        }
+    }
+
     /// The same kernel reading B as a [`HalfWeight`]'s packed f16 pairs (the nt4 layouts only).
     fn with_f16_b(self) -> Option<Kernel> {
         match self {
@@ -342,13 +360,12 @@ pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims)
     let kernel = choose_kernel(a, b, dims);
     let tall_enough = dims.m >= TILED_MIN_DIM || dims.batch == 1;
     if tall_enough && dims.n >= TILED_MIN_DIM && tiled_wanted(gpu) {
-        let large = large_tiles_wanted();
-        match kernel {
-            Kernel::Nt4 if large => return Kernel::Tiled8Nt4,
-            Kernel::Nn4 if large => return Kernel::Tiled8Nn4,
-            Kernel::Nt4 => return Kernel::TiledNt4,
-            Kernel::Nn4 => return Kernel::TiledNn4,
-            _ => {}
+        if let Some(tiled) = kernel.tiled() {
+            return if large_tiles_wanted() {
+                tiled.with_large_tiles()
+            } else {
+                tiled
+            };
         }
     }
     if !gpu.subgroups_of_8() {
@@ -366,22 +383,23 @@ pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims)
     }
 }
 
-/// The environment variable that forces split-K (`N`: k cut into N slices where k % (4 N) == 0; `1` or `0`:
-/// never) instead of [`split_k_for`]'s rule, for measuring on a new GPU.
+/// The environment variable that forces split-K (`N`: k cut into N slices where it has at least 4 N steps; `1`
+/// or `0`: never) instead of [`split_k_for`]'s rule, for measuring on a new GPU.
 pub const SPLIT_K_ENV: &str = "WGPU_MLKD_MATMUL_SPLIT_K";
 
 /// Split-K cuts k into slices of at least this many steps, as many slices as that allows up to
 /// [`SPLIT_K_MAX`]. On an H100 (benches/RESULTS.md, "H100") one utterance's linear layers (a few hundred rows
-/// x 768 columns: under 100 tiles of 64 x 64 for 132 compute units) ran 1.4-2.3x faster in slices of 192-384
-/// steps, and the products that fill the GPU anyway (the feature encoder's convolutions, 16k rows) lost 0-6%.
+/// x 768 columns: under 100 tiles of 64 x 64 for 132 compute units) ran 1.4-3.3x faster in slices of 192-384
+/// steps; products that fill the GPU by their rows lose by it (the feature encoder's convolutions 9% in 8
+/// slices), so those go through [`matmul_into_tall`], which never splits.
 const SPLIT_K_MIN_DEPTH: usize = 192;
 const SPLIT_K_MAX: usize = 8;
 
 /// Into how many k slices [`matmul_into_with`] cuts a product (1: not split): on adapters that take the
 /// tiled kernels ([`tiled_wanted`]), products of one batch item are cut into the most slices (up to
-/// [`SPLIT_K_MAX`]) of at least [`SPLIT_K_MIN_DEPTH`] k steps with k % (4 slices) == 0 (each slice must start
-/// on a vec4 boundary). The count depends on k alone, never on the number of rows, so a product computed
-/// in row chunks (long inputs) gives the same bits as in one piece. `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
+/// [`SPLIT_K_MAX`]) of at least [`SPLIT_K_MIN_DEPTH`] k steps, each starting on a vec4 boundary (the last may
+/// be shorter). The count depends on k alone, never on the number of rows, so a product computed in row
+/// chunks (long inputs) gives the same bits as in one piece. `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
 pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     use std::sync::OnceLock;
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
@@ -514,11 +532,10 @@ pub fn matmul_into_tall(
     bias: Option<&Tensor>,
     act: Activation,
 ) -> Result<()> {
-    let kernel = match choose_kernel_for(out.gpu(), a_view, b_view, dims) {
-        Kernel::TiledNt4 if dims.m >= TALL_MIN_ROWS => Kernel::Tiled8Nt4,
-        Kernel::TiledNn4 if dims.m >= TALL_MIN_ROWS => Kernel::Tiled8Nn4,
-        other => other,
-    };
+    let mut kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
+    if dims.m >= TALL_MIN_ROWS {
+        kernel = kernel.with_large_tiles();
+    }
     let views = (out_view, a_view, b_view);
     launch(kernel, 1, out, a, b, views, dims, bias, 1.0, act, false)
 }
@@ -578,7 +595,7 @@ pub(crate) fn matmul_with_kernel(
 }
 
 /// Checks and records one matmul; `views` are (C, A, B); `accumulate` adds C's previous contents; `split`
-/// > 1 cuts k into that many slices (split-K, see [`split_k_for`]; batch 1 and k % (4 split) == 0 only).
+/// > 1 cuts k into that many slices (split-K, see [`split_k_for`]; batch 1 and at least 4 k steps a slice).
 #[allow(clippy::too_many_arguments)]
 fn launch(
     kernel: Kernel,
@@ -2482,66 +2499,40 @@ mod tests {
             row_stride: 768,
             col_stride: 1,
         };
-        let cases: Vec<(&str, MatDims, View, View)> = vec![
-            (
-                "linear 149x768->3072",
-                d(1, 149, 3072, 768),
-                rm(149, 768),
-                View::transposed(768, 3072),
-            ),
-            (
-                "linear 149x3072->768",
-                d(1, 149, 768, 3072),
-                rm(149, 3072),
-                View::transposed(3072, 768),
-            ),
-            (
-                "linear 49x768->768",
-                d(1, 49, 768, 768),
-                rm(49, 768),
-                View::transposed(768, 768),
-            ),
-            (
-                "linear 499x768->768",
-                d(1, 499, 768, 768),
-                rm(499, 768),
-                View::transposed(768, 768),
-            ),
-            (
-                "linear 499x768->3072",
-                d(1, 499, 3072, 768),
-                rm(499, 768),
-                View::transposed(768, 3072),
-            ),
-            (
-                "linear 499x3072->768",
-                d(1, 499, 768, 3072),
-                rm(499, 3072),
-                View::transposed(3072, 768),
-            ),
-            (
-                "linear 198x768->768",
-                d(1, 198, 768, 768),
-                rm(198, 768),
-                View::transposed(768, 768),
-            ),
-            (
-                "dx 298x3072->768 (nn)",
-                d(1, 298, 768, 3072),
-                rm(298, 3072),
-                rm(3072, 768),
-            ),
-            (
-                "dW 3072x768 k=298 (tn)",
-                d(1, 3072, 768, 298),
-                rm(298, 3072).t(),
-                rm(298, 768),
-            ),
+        // The linear layers x W^T (rows, in, out) of the teacher (T = 49, 149, 499) and the student (2 x 99).
+        let linears = [
+            (149, 768, 3072),
+            (149, 3072, 768),
+            (49, 768, 768),
+            (499, 768, 768),
+            (499, 768, 3072),
+            (499, 3072, 768),
+            (198, 768, 768),
         ];
-        let mut cases: Vec<(String, MatDims, View, View)> = cases
+        let mut cases: Vec<(String, MatDims, View, View)> = linears
             .into_iter()
-            .map(|(name, d, a, b)| (name.to_string(), d, a, b))
+            .map(|(m, i, o)| {
+                (
+                    format!("linear {m}x{i}->{o}"),
+                    d(1, m, o, i),
+                    rm(m, i),
+                    View::transposed(i, o),
+                )
+            })
             .collect();
+        // A linear's backward: dx = dy W (nn) and dW = dy^T x (tn).
+        cases.push((
+            "dx 298x3072->768 (nn)".into(),
+            d(1, 298, 768, 3072),
+            rm(298, 3072),
+            rm(3072, 768),
+        ));
+        cases.push((
+            "dW 3072x768 k=298 (tn)".into(),
+            d(1, 3072, 768, 298),
+            rm(298, 3072).t(),
+            rm(298, 768),
+        ));
         // The feature encoder's 512-channel convolutions (kernel 3, stride 2) as strided matmuls, as
         // conv1d's matmul route runs them: rows are receptive fields of the channels-last input.
         for t_out in [15999, 3999] {
@@ -2590,17 +2581,8 @@ mod tests {
             ];
             // (kernel, split-K slices)
             let mut kernels = vec![(chosen, 1)];
-            let tiled = match chosen {
-                Kernel::Nt4 => Some(Kernel::TiledNt4),
-                Kernel::Nn4 => Some(Kernel::TiledNn4),
-                _ => None,
-            };
-            let tiled8 = match chosen {
-                Kernel::Nt4 => Some(Kernel::Tiled8Nt4),
-                Kernel::Nn4 => Some(Kernel::Tiled8Nn4),
-                _ => None,
-            };
-            for tiled in [tiled, tiled8].into_iter().flatten() {
+            let tiled = chosen.tiled();
+            for tiled in [tiled, tiled.map(Kernel::with_large_tiles)].into_iter().flatten() {
                 kernels.push((tiled, 1));
                 let splits = [2, 3, 4, 6, 8]
                     .into_iter()
