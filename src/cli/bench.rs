@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 
 use super::Cli;
 use crate::fsutil::human_bytes;
-use crate::gpu::{Gpu, Tensor, PROFILE_ENV};
+use crate::gpu::{Gpu, HostStats, Tensor, PROFILE_ENV};
 use crate::model::student::{default_target_layers, Student};
 use crate::model::{Wav2Vec2, Wav2Vec2Config};
 use crate::ops::adamw::{AdamW, AdamWConfig};
@@ -87,6 +87,18 @@ fn print_header(gpu: &Gpu) {
     }
 }
 
+/// The host's share of the timed runs: dispatches recorded and the time spent recording and encoding them.
+fn print_host(host: HostStats, repeat: usize) {
+    println!(
+        "host per timed run: {} dispatches ({} new bind groups), {:.3} ms recording, encoding and submitting \
+         ({:.1} us per dispatch)",
+        host.dispatches / repeat as u64,
+        host.bind_groups / repeat as u64,
+        1e3 * host.seconds / repeat as f64,
+        1e6 * host.seconds / host.dispatches.max(1) as f64
+    );
+}
+
 /// The per-kernel profile of the timed runs, when profiling, and the GPU's busy time per run where the adapter
 /// has timestamp queries.
 fn print_profile(gpu: &Gpu, repeat: usize) {
@@ -150,7 +162,9 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize, 
     run()?;
     gpu.reset_peak();
     gpu.profile_reset();
+    let host_before = gpu.host_stats();
     let times = (0..repeat).map(|_| run()).collect::<Result<Vec<_>>>()?;
+    let host = gpu.host_stats() - host_before;
     let (_, peak) = gpu.memory();
     let t = median(times);
     let flops = cfg.forward_flops(samples);
@@ -167,6 +181,7 @@ fn bench_teacher(cli: &Cli, dir: &std::path::Path, seconds: f64, repeat: usize, 
         flops / t / 1e9
     );
     println!("peak GPU bytes: {peak} ({})", human_bytes(peak));
+    print_host(host, repeat);
     print_profile(&gpu, repeat);
     println!("teacher_forward_seconds_per_audio_second={:.6}", t / seconds);
     Ok(())
@@ -226,7 +241,9 @@ fn bench_train(
     step()?;
     gpu.reset_peak();
     gpu.profile_reset();
+    let host_before = gpu.host_stats();
     let times = (0..repeat).map(|_| step()).collect::<Result<Vec<_>>>()?;
+    let host = gpu.host_stats() - host_before;
     let (_, peak) = gpu.memory();
     let time = median(times);
     // Training FLOPs by the usual convention: 3x the forward (the backward costs about twice the forward).
@@ -245,6 +262,7 @@ fn bench_train(
         flops / time / 1e9
     );
     println!("peak GPU bytes: {peak} ({})", human_bytes(peak));
+    print_host(host, repeat);
     print_profile(&gpu, repeat);
     println!("student_train_step_seconds={time:.6}");
     Ok(())

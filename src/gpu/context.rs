@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
-use super::pipeline::{DiskCache, PipelineCache, Shader};
+use super::bind::BindGroupCache;
+use super::pipeline::{DiskCache, Pipeline, PipelineCache, Shader, PARAMS_BINDING_BYTES};
 use super::pool::BufferPool;
 
 /// Which graphics API to run on (`--backend`, or `WGPU_BACKEND`).
@@ -57,6 +58,9 @@ pub struct GpuOptions {
     /// Directory of the on-disk pipeline cache (`WGPU_MLKD_PIPELINE_CACHE`, default `~/.cache/wgpu-mlkd`);
     /// `None` compiles every pipeline afresh. Used where the backend supports it (Vulkan).
     pub pipeline_cache: Option<std::path::PathBuf>,
+    /// Every dispatch makes its own bind group instead of reusing the one made for the same buffers
+    /// (`WGPU_MLKD_NO_BIND_GROUP_CACHE=1`): only for measuring what the reuse saves.
+    pub fresh_bind_groups: bool,
 }
 
 impl GpuOptions {
@@ -77,6 +81,7 @@ impl GpuOptions {
             memory_limit,
             profile,
             pipeline_cache: super::pipeline::pipeline_cache_dir_from_env(),
+            fresh_bind_groups: !BindGroupCache::enabled_by_env(),
         }
     }
 
@@ -203,6 +208,10 @@ pub(crate) struct Inner {
     pub(crate) limits: wgpu::Limits,
     pub(crate) pipelines: PipelineCache,
     pub(crate) pool: Arc<BufferPool>,
+    bind_groups: Arc<BindGroupCache>,
+    /// The parameter blocks of a submission's dispatches, one aligned slot each, bound at dynamic offsets; kept
+    /// (and grown) across submissions so that bind groups can be. Locked while a submission is encoded.
+    params: Mutex<Option<wgpu::Buffer>>,
     /// Subgroup operations are enabled and every subgroup has exactly 8 invocations (lavapipe on AVX2):
     /// the matmul kernels of `shaders/matmul_sg.wgsl` assume that layout.
     pub(crate) subgroups_of_8: bool,
@@ -212,10 +221,35 @@ pub(crate) struct Inner {
     pending: Mutex<Vec<Command>>,
     /// Command buffers submitted so far (tests check that a training step is one).
     submissions: std::sync::atomic::AtomicU64,
+    /// Dispatches recorded so far, and the host's nanoseconds spent recording and encoding commands
+    /// ([`Gpu::host_stats`]).
+    dispatches: std::sync::atomic::AtomicU64,
+    host_nanos: std::sync::atomic::AtomicU64,
     /// First validation/out-of-memory error the device reported outside an error scope, or a device loss.
     device_error: Arc<Mutex<Option<String>>>,
     /// Per-kernel times when profiling ([`GpuOptions::profile`]).
     profile: Option<Profile>,
+}
+
+/// What the host has spent on the GPU's commands ([`Gpu::host_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct HostStats {
+    pub dispatches: u64,
+    /// Bind groups made (the rest of the dispatches reused one).
+    pub bind_groups: u64,
+    /// Recording dispatches, and encoding and submitting every command; not waiting for the GPU.
+    pub seconds: f64,
+}
+
+impl std::ops::Sub for HostStats {
+    type Output = HostStats;
+    fn sub(self, earlier: HostStats) -> HostStats {
+        HostStats {
+            dispatches: self.dispatches - earlier.dispatches,
+            bind_groups: self.bind_groups - earlier.bind_groups,
+            seconds: self.seconds - earlier.seconds,
+        }
+    }
 }
 
 /// The environment variable that turns the per-kernel profile on.
@@ -339,7 +373,7 @@ impl PassTimer {
 /// A recorded GPU command, encoded at the next flush.
 pub(crate) enum Command {
     Dispatch {
-        pipeline: wgpu::ComputePipeline,
+        pipeline: Pipeline,
         /// The shader file's name and the entry point (the profile's key is `shader::label`).
         shader: &'static str,
         label: &'static str,
@@ -467,7 +501,13 @@ impl Gpu {
                 ));
             });
         }
-        let pool = Arc::new(BufferPool::new(device.clone(), limits.clone(), memory_limit));
+        let bind_groups = Arc::new(BindGroupCache::new(!options.fresh_bind_groups));
+        let pool = Arc::new(BufferPool::new(
+            device.clone(),
+            limits.clone(),
+            memory_limit,
+            bind_groups.clone(),
+        ));
         let profile = options.profile.then(|| Profile {
             times: Mutex::default(),
             timer: if timestamps.is_empty() {
@@ -490,10 +530,14 @@ impl Gpu {
                 summary,
                 limits,
                 pool,
+                bind_groups,
+                params: Mutex::new(None),
                 subgroups_of_8,
                 unpacks_f16,
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
+                dispatches: Default::default(),
+                host_nanos: Default::default(),
                 device_error,
                 profile,
             }),
@@ -566,6 +610,29 @@ impl Gpu {
         self.inner.submissions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Dispatches recorded so far, and the host's seconds spent recording them and encoding and submitting
+    /// every command (not waiting for the GPU): the engine's own overhead per kernel.
+    pub fn host_stats(&self) -> HostStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        HostStats {
+            dispatches: self.inner.dispatches.load(Relaxed),
+            bind_groups: self.inner.bind_groups.created(),
+            seconds: self.inner.host_nanos.load(Relaxed) as f64 * 1e-9,
+        }
+    }
+
+    fn add_host_time(&self, since: std::time::Instant) {
+        let nanos = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.inner
+            .host_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bind groups created so far: one per new combination of layout and buffers, while the cache is on.
+    pub fn bind_groups_created(&self) -> u64 {
+        self.inner.bind_groups.created()
+    }
+
     pub fn reset_peak(&self) {
         self.inner.pool.reset_peak()
     }
@@ -596,6 +663,7 @@ impl Gpu {
         if groups == 0 {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let folded = super::fold_grid(groups);
         let max = self.inner.limits.max_compute_workgroups_per_dimension;
         if folded[0] > max || folded[1] > max {
@@ -605,14 +673,32 @@ impl Gpu {
             );
         }
         let pipeline = self.inner.pipelines.get(shader, entry, constants)?;
-        self.record(Command::Dispatch {
+        if buffers.len() != pipeline.layout.read_only.len() {
+            bail!(
+                "{}::{entry} binds {} storage buffers, but {} were given",
+                shader.name,
+                pipeline.layout.read_only.len(),
+                buffers.len()
+            );
+        }
+        if params.len() as u64 * 4 > PARAMS_BINDING_BYTES {
+            bail!(
+                "{}::{entry}: {} bytes of parameters, more than the {PARAMS_BINDING_BYTES} bound",
+                shader.name,
+                params.len() * 4
+            );
+        }
+        self.inner.dispatches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cmd = Command::Dispatch {
             pipeline,
             shader: shader.name,
             label: entry,
             buffers: buffers.iter().map(|b| (*b).clone()).collect(),
             params: params.to_vec(),
             groups: folded,
-        })
+        };
+        self.add_host_time(started);
+        self.record(cmd)
     }
 
     /// Records a command; when profiling, runs it at once and times it (errors are the device's).
@@ -740,35 +826,42 @@ impl Gpu {
     /// With a `timer`, the first compute pass gets its start and end timestamps, resolved into the timer's
     /// readback buffer: for the profile, which submits one command at a time. Returns whether a pass was timed.
     fn encode_and_submit(&self, cmds: Vec<Command>, timer: Option<&PassTimer>) -> bool {
+        let started = std::time::Instant::now();
         let device = &self.inner.device;
-        // All parameter blocks of this submission live in one uniform buffer, one aligned slot each.
+        // All parameter blocks of this submission live in the parameter buffer, one aligned slot each. Locked
+        // until the submission: the next one's write must not come in between.
+        let mut params_buffer = self.inner.params.lock().unwrap_or_else(|p| p.into_inner());
         let align = self.inner.limits.min_uniform_buffer_offset_alignment.max(16) as usize;
-        let n_dispatch = cmds.iter().filter(|c| matches!(c, Command::Dispatch { .. })).count();
-        let mut slots = Vec::with_capacity(n_dispatch);
+        let mut offsets = Vec::new();
         let mut bytes: Vec<u8> = Vec::new();
         for c in &cmds {
             if let Command::Dispatch { params, .. } = c {
                 let start = bytes.len();
-                // A uniform binding's size is a multiple of 16 bytes (WGSL struct alignment).
-                let size = (params.len() * 4).max(16).div_ceil(16) * 16;
-                slots.push((start as u64, size as u64));
+                offsets.push(start as u32);
                 bytes.extend_from_slice(bytemuck::cast_slice(params));
-                bytes.resize(start + size.div_ceil(align) * align, 0);
+                bytes.resize(start + (params.len() * 4).max(1).div_ceil(align) * align, 0);
             }
         }
-        let uniforms = (n_dispatch > 0).then(|| {
-            let buf = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("params"),
-                size: bytes.len().max(align) as u64,
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            self.inner.queue.write_buffer(&buf, 0, &bytes);
-            buf
-        });
+        if let Some(&last) = offsets.last() {
+            // Every binding window is PARAMS_BINDING_BYTES long, the last slot's included.
+            let needed = (bytes.len() as u64).max(last as u64 + PARAMS_BINDING_BYTES);
+            if params_buffer.as_ref().is_none_or(|b| b.size() < needed) {
+                *params_buffer = Some(device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: needed.next_power_of_two().max(1 << 16),
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+                // The old buffer's bind groups can never be used again.
+                self.inner.bind_groups.clear();
+            }
+            self.inner
+                .queue
+                .write_buffer(params_buffer.as_ref().expect("made above"), 0, &bytes);
+        }
 
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        let mut slot = slots.into_iter();
+        let mut offset = offsets.into_iter();
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         let mut untimed = timer;
         let mut timed = false;
@@ -776,32 +869,17 @@ impl Gpu {
             match cmd {
                 Command::Dispatch {
                     pipeline,
-                    label,
                     buffers,
                     groups,
                     ..
                 } => {
-                    let (offset, size) = slot.next().expect("one slot per dispatch");
-                    let mut entries = Vec::with_capacity(buffers.len() + 1);
-                    entries.push(wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: uniforms.as_ref().expect("uniform buffer"),
-                            offset,
-                            size: std::num::NonZeroU64::new(size),
-                        }),
-                    });
-                    for (i, b) in buffers.iter().enumerate() {
-                        entries.push(wgpu::BindGroupEntry {
-                            binding: i as u32 + 1,
-                            resource: b.as_entire_binding(),
-                        });
-                    }
-                    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some(label),
-                        layout: &pipeline.get_bind_group_layout(0),
-                        entries: &entries,
-                    });
+                    let offset = offset.next().expect("one slot per dispatch");
+                    let bind_group = self.inner.bind_groups.get(
+                        device,
+                        &pipeline.layout,
+                        params_buffer.as_ref().expect("a parameter buffer"),
+                        buffers,
+                    );
                     let p = pass.get_or_insert_with(|| {
                         let timestamp_writes = untimed.take().map(PassTimer::pass_writes);
                         timed |= timestamp_writes.is_some();
@@ -812,8 +890,8 @@ impl Gpu {
                             })
                             .forget_lifetime()
                     });
-                    p.set_pipeline(&pipeline);
-                    p.set_bind_group(0, &bind_group, &[]);
+                    p.set_pipeline(&pipeline.compute);
+                    p.set_bind_group(0, &bind_group, &[offset]);
                     p.dispatch_workgroups(groups[0], groups[1], groups[2]);
                 }
                 Command::Copy {
@@ -833,9 +911,11 @@ impl Gpu {
             timer.resolve(&mut encoder);
         }
         self.inner.queue.submit([encoder.finish()]);
+        drop(params_buffer);
         self.inner
             .submissions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.add_host_time(started);
         timed
     }
 }

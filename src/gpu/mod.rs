@@ -6,14 +6,18 @@
 //! until a readback (`Tensor::to_vec`) or an explicit [`Gpu::flush`]. A whole model forward is therefore one
 //! command encoder and one submission. Host-to-GPU uploads are recorded too (as copies from a staging
 //! buffer), so a pooled buffer that is freed and reused while commands are pending is always written in
-//! program order.
+//! program order. Each dispatch's parameters take a slot of one uniform buffer, bound at a dynamic offset, so
+//! its bind group depends only on its buffers and is made once (`bind.rs`): the second run of a model records
+//! no new bind group at all.
 
+mod bind;
 mod context;
 mod pipeline;
 mod pool;
 mod tensor;
 
-pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, KernelProfile, PROFILE_ENV};
+pub use bind::NO_BIND_GROUP_CACHE_ENV;
+pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, HostStats, KernelProfile, PROFILE_ENV};
 pub use pipeline::Shader;
 pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
@@ -55,6 +59,68 @@ mod tests {
         let y = crate::ops::elementwise::add(&x, &x).unwrap();
         let z = crate::ops::elementwise::add(&y, &x).unwrap();
         (g, z)
+    }
+
+    /// A device of its own whose bind groups are counted from zero: the cache on, or off (`fresh`).
+    fn counting_gpu(fresh_bind_groups: bool) -> Gpu {
+        Gpu::new(&GpuOptions {
+            fresh_bind_groups,
+            profile: false,
+            ..GpuOptions::from_env()
+        })
+        .unwrap()
+    }
+
+    /// The same work on the same (pooled) buffers makes its bind groups once: from the third run on, none
+    /// are made, and the results stay right. Without the cache every dispatch makes one.
+    #[test]
+    fn bind_groups_are_made_once_per_set_of_buffers() {
+        use crate::ops::elementwise::add;
+        for fresh in [false, true] {
+            let g = counting_gpu(fresh);
+            let x = Tensor::from_slice(&g, &[1.0, 2.0, 3.0], &[3]).unwrap();
+            let run = || {
+                let y = add(&x, &x).unwrap();
+                let z = add(&y, &x).unwrap();
+                assert_eq!(z.to_vec().unwrap(), vec![3.0, 6.0, 9.0]);
+            };
+            // Two runs: the pool may hand its buffers out in another order the second time.
+            run();
+            run();
+            let made = g.bind_groups_created();
+            assert!(made >= 2, "{made}");
+            for _ in 0..3 {
+                run();
+            }
+            let more = g.bind_groups_created() - made;
+            assert_eq!(more, if fresh { 6 } else { 0 }, "fresh bind groups: {fresh}");
+        }
+    }
+
+    /// One bind group serves dispatches with different parameters (each its own slot of the parameter
+    /// buffer, at a dynamic offset), within a submission and across submissions, and a submission of more
+    /// dispatches than the parameter buffer held grows it: every dispatch still reads its own parameters.
+    #[test]
+    fn each_dispatch_reads_its_own_parameters() {
+        use crate::ops::elementwise::axpy;
+        let g = counting_gpu(false);
+        let x = Tensor::from_slice(&g, &[1.0, -2.0, 0.5], &[3]).unwrap();
+        let acc = Tensor::zeros(&g, &[3]).unwrap();
+        let mut expected = [0.0f64; 3];
+        // 70, then 9000 dispatches in one submission (the buffer starts at 64 KiB: 9000 slots exceed it).
+        for n in [70usize, 9000] {
+            for i in 0..n {
+                let alpha = (i % 13) as f32 * 0.25 - 1.0;
+                axpy(&acc, alpha, &x).unwrap();
+                for (e, xv) in expected.iter_mut().zip([1.0f32, -2.0, 0.5]) {
+                    *e += (alpha * xv) as f64;
+                }
+            }
+            let got = acc.to_vec().unwrap();
+            // Every term is a multiple of 1/8 below 2^12: the f32 sums are exact.
+            assert_eq!(got, expected.map(|e| e as f32).to_vec(), "after {n} dispatches");
+        }
+        assert!(g.bind_groups_created() <= 3, "{}", g.bind_groups_created());
     }
 
     /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;

@@ -4,8 +4,10 @@
 //! pool when its last tensor drops; it may be handed out again while earlier commands that use it are still
 //! pending, which is safe because every write to it (kernels and uploads alike) is recorded in program order.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use super::bind::BindGroupCache;
 
 use anyhow::{bail, Result};
 
@@ -43,6 +45,8 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 
 pub(crate) struct BufferPool {
     device: wgpu::Device,
+    /// Cached bind groups hold their buffers: dropped with the free buffers, so that memory is really freed.
+    bind_groups: Arc<BindGroupCache>,
     limits: wgpu::Limits,
     /// Most bytes the pool may hold ([`super::GpuOptions::memory_limit`]); reaching it is handled exactly as
     /// the device running out of memory.
@@ -52,7 +56,11 @@ pub(crate) struct BufferPool {
 
 #[derive(Default)]
 struct PoolState {
-    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Free buffers by size class, each class handed out smallest first in wgpu's fixed order of buffers, so
+    /// that the same sequence of requests from the same free buffers gets the same buffers: a model's second
+    /// forward binds exactly what its first did, and finds its bind groups made (see `super::bind`). (A stack
+    /// would hand them out in the order the last run freed them, a new permutation every run.)
+    free: HashMap<u64, BTreeSet<wgpu::Buffer>>,
     /// Bytes of every buffer the pool has created and still holds (in use or free).
     allocated: u64,
     /// Bytes handed out to live tensors.
@@ -69,9 +77,15 @@ pub(crate) fn size_class(bytes: u64) -> u64 {
 }
 
 impl BufferPool {
-    pub(crate) fn new(device: wgpu::Device, limits: wgpu::Limits, memory_limit: Option<u64>) -> Self {
+    pub(crate) fn new(
+        device: wgpu::Device,
+        limits: wgpu::Limits,
+        memory_limit: Option<u64>,
+        bind_groups: Arc<BindGroupCache>,
+    ) -> Self {
         BufferPool {
             device,
+            bind_groups,
             limits,
             memory_limit,
             state: Mutex::default(),
@@ -118,7 +132,7 @@ impl BufferPool {
         }
         let class = size_class(bytes).min(max_binding.max(bytes.div_ceil(4) * 4));
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let buffer = match st.free.get_mut(&class).and_then(|v| v.pop()) {
+        let buffer = match st.free.get_mut(&class).and_then(|v| v.pop_first()) {
             Some(b) => b,
             None => match self.create(st.allocated, class) {
                 Ok(b) => {
@@ -129,6 +143,7 @@ impl BufferPool {
                     // Free cached buffers and try once more before giving up.
                     let cached: u64 = st.free.values().flatten().map(|b| b.size()).sum();
                     st.free.clear();
+                    self.bind_groups.clear();
                     st.allocated -= cached;
                     let in_use = st.in_use;
                     drop(st);
@@ -152,7 +167,7 @@ impl BufferPool {
     pub(crate) fn release(&self, buffer: wgpu::Buffer, class: u64) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.in_use -= class;
-        st.free.entry(class).or_default().push(buffer);
+        st.free.entry(class).or_default().insert(buffer);
     }
 
     /// (bytes in use by live tensors, peak of that since the last reset).
