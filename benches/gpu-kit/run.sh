@@ -109,9 +109,10 @@ teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
-# The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K).
-variants="default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128"
-[ -n "$quick" ] && variants="default"
+# The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K), and
+# with a fresh bind group for every dispatch (the host's cost before bind groups were reused).
+variants="default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128 WGPU_MLKD_NO_BIND_GROUP_CACHE=1"
+[ -n "$quick" ] && variants="default WGPU_MLKD_NO_BIND_GROUP_CACHE=1"
 for variant in $variants; do
     log=$logs/ours-$variant.log
     (
@@ -120,7 +121,7 @@ for variant in $variants; do
         timeout 90 "$bin" bench train --teacher "$teacher" --batch 2 --crop-seconds 2 --repeat ${REPEAT:-20}
     ) > "$log" 2>&1
     say "wgpu-mlkd ($variant): teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s, \
-train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
+train step $(value student_train_step_seconds "$log") s; $(grep -E "GFLOP/s effective|peak GPU|^host per" "$log" | tr '\n' ' ')"
 done
 [ -z "$quick" ] && {
 log=$logs/ours-f16.log
