@@ -399,7 +399,9 @@ const SPLIT_K_MAX: usize = 8;
 /// tiled kernels ([`tiled_wanted`]), products of one batch item are cut into the most slices (up to
 /// [`SPLIT_K_MAX`]) of at least [`SPLIT_K_MIN_DEPTH`] k steps, each starting on a vec4 boundary (the last may
 /// be shorter). The count depends on k alone, never on the number of rows, so a product computed in row
-/// chunks (long inputs) gives the same bits as in one piece. `WGPU_MLKD_MATMUL_SPLIT_K` overrides it.
+/// chunks (long inputs) gives the same bits as in one piece; except that the slices' partial sums
+/// (`[slices, m, n]`) must fit one storage binding, so a product too large for that takes fewer slices
+/// ([`split_k_within`]). `WGPU_MLKD_MATMUL_SPLIT_K` overrides the rule (within the same bound).
 pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     use std::sync::OnceLock;
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
@@ -407,7 +409,18 @@ pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     if !tiled_wanted(gpu) {
         return 1;
     }
-    split_k_count(dims, forced)
+    split_k_within(split_k_count(dims, forced), dims, gpu.max_binding_bytes())
+}
+
+/// At most `s` slices, as many as keep the partial sums (`[slices, m, n]` f32) within `max_binding_bytes`
+/// and k cut into whole vec4 slices; 1 (no split, no partial sums) where not even two fit.
+fn split_k_within(s: usize, dims: MatDims, max_binding_bytes: u64) -> usize {
+    let slice_bytes = (dims.m as u64 * dims.n as u64 * 4).max(1);
+    let mut s = s.min((max_binding_bytes / slice_bytes).min(usize::MAX as u64) as usize);
+    while s > 1 && !split_k_fits(dims.k, s) {
+        s -= 1;
+    }
+    s.max(1)
 }
 
 /// [`split_k_for`]'s count on an adapter that takes the tiled kernels, with the override given (`None`: the
@@ -2406,6 +2419,35 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("slices of whole vec4"), "{err}");
+    }
+
+    #[test]
+    fn split_k_partial_sums_stay_within_one_binding() {
+        let d = |m, k, n| MatDims { batch: 1, m, n, k };
+        let mib = 1u64 << 20;
+        // A minute of audio through wav2vec2-base's FFN (2999 x 768 -> 3072): 4 slices of 36 MiB each.
+        let ffn = d(2999, 768, 3072);
+        let slice = 2999 * 3072 * 4;
+        assert_eq!(split_k_count(ffn, None), 4);
+        assert_eq!(split_k_within(4, ffn, 4096 * mib), 4);
+        assert_eq!(split_k_within(4, ffn, 128 * mib), 3); // lavapipe's binding: 3 x 36 MiB
+        assert_eq!(split_k_within(4, ffn, 2 * slice), 2);
+        assert_eq!(split_k_within(4, ffn, 2 * slice - 1), 1);
+        assert_eq!(split_k_within(4, ffn, 1), 1);
+        // Fewer slices must still cut k into whole vec4: k = 20 cuts into 5 or 3 slices, not 4.
+        let small = d(10, 20, 10);
+        assert!(split_k_fits(20, 5) && !split_k_fits(20, 4) && split_k_fits(20, 3));
+        assert_eq!(split_k_within(5, small, 4 * 10 * 10 * 4), 3);
+        for max in [0, 1, 1 << 40] {
+            for s in 1..=8 {
+                let got = split_k_within(s, ffn, max);
+                assert!(
+                    got >= 1 && got <= s && (got == 1 || split_k_fits(ffn.k, got)),
+                    "{s} {max} -> {got}"
+                );
+                assert!(got == 1 || got as u64 * slice <= max, "{s} {max} -> {got}");
+            }
+        }
     }
 
     #[test]
