@@ -14,7 +14,9 @@
 
 // ---------------------------------------------------------------------------------------------------------
 // LayerNorm: one workgroup per row. Three passes over the row (sum of shifted values, centred sum of squares,
-// output); the row is re-read from memory each time, where it sits in cache (C <= a few thousand).
+// output); the row is re-read from memory each time, where it sits in cache (C <= a few thousand). With
+// `residual`, the row normalised is ln_x + ln_r (a post-LN transformer's LN(h + sublayer(h)) in one kernel),
+// summed in f32 exactly as the add kernel sums it, so the output has the same bits as add then LayerNorm.
 
 const LN_WG: u32 = 64u;
 
@@ -23,6 +25,7 @@ struct LnParams {
     c: u32,
     eps: f32,
     gelu: u32,
+    residual: u32,
 }
 
 @group(0) @binding(0) var<uniform> ln_p: LnParams;
@@ -30,6 +33,7 @@ struct LnParams {
 @group(0) @binding(2) var<storage, read> ln_gamma: array<f32>;    // (C)
 @group(0) @binding(3) var<storage, read> ln_beta: array<f32>;     // (C)
 @group(0) @binding(4) var<storage, read_write> ln_y: array<f32>;  // (R, C)
+@group(0) @binding(5) var<storage, read> ln_r: array<f32>;        // (R, C), read only with `residual`
 
 var<workgroup> ln_red: array<f32, LN_WG>;
 
@@ -48,26 +52,34 @@ fn ln_workgroup_sum(v: f32, li: u32) -> f32 {
     return total;
 }
 
+// Element i of the rows normalised: x, or x + r.
+fn ln_in(i: u32) -> f32 {
+    if (ln_p.residual != 0u) {
+        return ln_x[i] + ln_r[i];
+    }
+    return ln_x[i];
+}
+
 // Normalises one row into ln_y and returns its (mean, rstd). Uniform control flow: called by the whole
 // workgroup.
 fn layer_norm_row(row: u32, li: u32) -> vec2<f32> {
     let c = ln_p.c;
     let base = row * c;
-    let shift = ln_x[base];
+    let shift = ln_in(base);
     var s = 0.0;
     for (var i = li; i < c; i += LN_WG) {
-        s += ln_x[base + i] - shift;
+        s += ln_in(base + i) - shift;
     }
     // mean = shift + d, kept split so that x - mean = (x - shift) - d loses nothing to the offset.
     let d = ln_workgroup_sum(s, li) / f32(c);
     var q = 0.0;
     for (var i = li; i < c; i += LN_WG) {
-        let v = (ln_x[base + i] - shift) - d;
+        let v = (ln_in(base + i) - shift) - d;
         q += v * v;
     }
     let rstd = 1.0 / sqrt(ln_workgroup_sum(q, li) / f32(c) + ln_p.eps);
     for (var i = li; i < c; i += LN_WG) {
-        var v = ((ln_x[base + i] - shift) - d) * rstd * ln_gamma[i] + ln_beta[i];
+        var v = ((ln_in(base + i) - shift) - d) * rstd * ln_gamma[i] + ln_beta[i];
         if (ln_p.gelu != 0u) {
             v = gelu_exact(v);
         }
@@ -86,8 +98,8 @@ fn layer_norm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     layer_norm_row(row, li);
 }
 
-// The training forward also saves each row's (mean, rstd) for layer_norm_backward (gelu must be 0).
-@group(0) @binding(5) var<storage, read_write> ln_stats: array<f32>;  // (R, 2): mean, rstd
+// The training forward also saves each row's (mean, rstd) for layer_norm_backward (gelu and residual 0).
+@group(0) @binding(6) var<storage, read_write> ln_stats: array<f32>;  // (R, 2): mean, rstd
 
 @compute @workgroup_size(64)
 fn layer_norm_train_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

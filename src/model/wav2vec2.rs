@@ -110,6 +110,11 @@ impl Norm {
         tape.layer_norm(x, &tape.param(&self.weight), &tape.param(&self.bias), eps)
     }
 
+    /// LayerNorm(x + residual) (post-LN residual connections; one kernel for inference).
+    pub fn add_layer_norm(&self, tape: &Tape, x: &Var, residual: &Var, eps: f32) -> Result<Var> {
+        tape.add_layer_norm(x, residual, &tape.param(&self.weight), &tape.param(&self.bias), eps)
+    }
+
     pub fn parameters(&self) -> Vec<Arc<Param>> {
         vec![self.weight.clone(), self.bias.clone()]
     }
@@ -244,9 +249,9 @@ impl EncoderLayer {
         } else {
             // Post-LN: LN1(h + Attn(h)), then LN2(h + FFN(h)).
             let a = self.attention(tape, h, key_mask, dropout)?;
-            let h = self.layer_norm.layer_norm(tape, &tape.add(h, &a)?, self.eps)?;
+            let h = self.layer_norm.add_layer_norm(tape, h, &a, self.eps)?;
             let f = self.feed_forward(tape, &h, dropout)?;
-            self.final_layer_norm.layer_norm(tape, &tape.add(&h, &f)?, self.eps)
+            self.final_layer_norm.add_layer_norm(tape, &h, &f, self.eps)
         }
     }
 }
@@ -621,10 +626,11 @@ impl Wav2Vec2 {
         let h = self.projection.forward(tape, &extract_features)?;
         let pos = self.positional_embedding(tape, &h)?;
         let stable = self.config.do_stable_layer_norm;
-        let mut h = tape.add(&h, &pos)?;
-        if !stable {
-            h = self.encoder_norm.layer_norm(tape, &h, eps)?;
-        }
+        let mut h = if stable {
+            tape.add(&h, &pos)?
+        } else {
+            self.encoder_norm.add_layer_norm(tape, &h, &pos, eps)?
+        };
         let mut hidden_states = vec![h.clone()];
         for layer in &self.layers {
             h = layer.forward(tape, &h, key_mask, opts.dropout)?;

@@ -71,15 +71,35 @@ fn btc(op: &str, x: &Tensor) -> Result<[usize; 3]> {
 
 /// LayerNorm over the last dim of `x` `[.., C]` with `gamma`, `beta` `[C]`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-    layer_norm_impl(x, gamma, beta, eps, false)
+    layer_norm_impl(x, None, gamma, beta, eps, false)
+}
+
+/// LayerNorm(x + residual) in one kernel (a post-LN transformer's `LayerNorm(h + sublayer(h))`), bit-identical
+/// to [`crate::ops::elementwise::add`] then [`layer_norm`] without writing the sum. Shapes must match exactly.
+pub fn add_layer_norm(x: &Tensor, residual: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
+    ensure!(
+        x.shape() == residual.shape(),
+        "add_layer_norm: the residual {:?} must have the input's shape {:?}",
+        residual.shape(),
+        x.shape()
+    );
+    check_f32("add_layer_norm", "residual", residual)?;
+    layer_norm_impl(x, Some(residual), gamma, beta, eps, false)
 }
 
 /// gelu(LayerNorm(x)) in one kernel (wav2vec 2.0's "layer" feat_extract_norm: conv -> LayerNorm -> GELU).
 pub fn layer_norm_gelu(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
-    layer_norm_impl(x, gamma, beta, eps, true)
+    layer_norm_impl(x, None, gamma, beta, eps, true)
 }
 
-fn layer_norm_impl(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, gelu: bool) -> Result<Tensor> {
+fn layer_norm_impl(
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    gelu: bool,
+) -> Result<Tensor> {
     let Some(&c) = x.shape().last() else {
         bail!("layer_norm: input must have at least one dim, got a scalar");
     };
@@ -92,11 +112,19 @@ fn layer_norm_impl(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, gelu: bo
     check_affine("layer_norm", c, gamma, beta)?;
     let rows = x.numel() / c;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
+    // Without a residual the binding still needs a buffer; the kernel never reads it.
+    let r = residual.unwrap_or(x);
     x.gpu().dispatch(
         &SHADER,
         "layer_norm_forward",
-        &[x.buffer(), gamma.buffer(), beta.buffer(), y.buffer()],
-        &[rows as u32, c as u32, eps.to_bits(), gelu as u32],
+        &[x.buffer(), gamma.buffer(), beta.buffer(), y.buffer(), r.buffer()],
+        &[
+            rows as u32,
+            c as u32,
+            eps.to_bits(),
+            gelu as u32,
+            residual.is_some() as u32,
+        ],
         rows as u32,
     )?;
     Ok(y)
@@ -226,8 +254,16 @@ pub fn layer_norm_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> 
     x.gpu().dispatch(
         &SHADER,
         "layer_norm_train_forward",
-        &[x.buffer(), gamma.buffer(), beta.buffer(), y.buffer(), stats.buffer()],
-        &[rows as u32, c as u32, eps.to_bits(), 0],
+        // x again in the residual's place: unread (residual 0).
+        &[
+            x.buffer(),
+            gamma.buffer(),
+            beta.buffer(),
+            y.buffer(),
+            x.buffer(),
+            stats.buffer(),
+        ],
+        &[rows as u32, c as u32, eps.to_bits(), 0, 0],
         rows as u32,
     )?;
     Ok((y, stats))
@@ -709,6 +745,45 @@ mod tests {
         }
     }
 
+    /// LayerNorm(x + r) in one kernel: the same bits as add then LayerNorm (the sum is rounded once, in f32,
+    /// either way), and within the kernel tolerance of the f64 reference on that f32 sum; odd channel counts,
+    /// rows beyond one workgroup, large common offsets.
+    #[test]
+    fn add_layer_norm_matches_add_then_layer_norm() {
+        let gpu = test_gpu();
+        for (i, (shape, offset)) in [
+            (vec![3usize, 5, 37], 0.0f32),
+            (vec![7, 1], 5.0),
+            (vec![2, 9, 768], -30.0),
+            (vec![5, 1031], 100.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let c = *shape.last().unwrap();
+            let n: usize = shape.iter().product();
+            let xv = offset_data(30 + i as u64, n, offset);
+            let rv = offset_data(40 + i as u64, n, -0.5 * offset);
+            let (gv, bv) = affine(50 + i as u64, c);
+            let x = Tensor::from_slice(gpu, &xv, &shape).unwrap();
+            let r = Tensor::from_slice(gpu, &rv, &shape).unwrap();
+            let g = Tensor::from_slice(gpu, &gv, &[c]).unwrap();
+            let b = Tensor::from_slice(gpu, &bv, &[c]).unwrap();
+            let fused = add_layer_norm(&x, &r, &g, &b, 1e-5).unwrap().to_vec().unwrap();
+            let sum = crate::ops::elementwise::add(&x, &r).unwrap();
+            let two_ops = layer_norm(&sum, &g, &b, 1e-5).unwrap().to_vec().unwrap();
+            let name = format!("add_layer_norm {shape:?} mean {offset}");
+            assert_eq!(
+                fused.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                two_ops.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{name}: not bit-identical to add then layer_norm"
+            );
+            let sum_f32: Vec<f32> = xv.iter().zip(&rv).map(|(a, b)| a + b).collect();
+            let want = reference::layer_norm(&sum_f32, c, &gv, &bv, 1e-5, false);
+            assert_close(&name, &fused, &want, Tol::KERNEL);
+        }
+    }
+
     #[test]
     fn channel_moments_match_reference() {
         let gpu = test_gpu();
@@ -1030,6 +1105,9 @@ mod tests {
         let g3 = Tensor::zeros(gpu, &[3]).unwrap();
         let err = |r: Result<Tensor>| r.unwrap_err().to_string();
         assert!(err(layer_norm(&x, &g3, &g4, 1e-5)).contains("gamma must be [4]"));
+        let x2 = Tensor::zeros(gpu, &[3, 2, 4]).unwrap();
+        assert!(err(add_layer_norm(&x, &x2, &g4, &g4, 1e-5)).contains("must have the input's shape"));
+        assert!(err(add_layer_norm(&x, &x, &g4, &g3, 1e-5)).contains("beta must be [4]"));
         assert!(err(group_norm_time(&x, &g4, &g3, 1e-5)).contains("beta must be [4]"));
         let flat = Tensor::zeros(gpu, &[12]).unwrap();
         assert!(err(group_norm_time(&flat, &g4, &g4, 1e-5)).contains("[B, T, C]"));

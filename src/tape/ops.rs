@@ -87,6 +87,20 @@ impl Tape {
         }))
     }
 
+    /// LayerNorm(x + residual): one kernel when no gradient is wanted (same bits as the two ops it replaces).
+    pub fn add_layer_norm(&self, x: &Var, residual: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
+        if !self.wants(&[x, residual, gamma, beta]) {
+            return Ok(self.constant(norm::add_layer_norm(
+                x.value(),
+                residual.value(),
+                gamma.value(),
+                beta.value(),
+                eps,
+            )?));
+        }
+        self.layer_norm(&self.add(x, residual)?, gamma, beta, eps)
+    }
+
     /// GELU(LayerNorm(x)) (wav2vec 2.0's "layer" feature-encoder blocks).
     pub fn layer_norm_gelu(&self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<Var> {
         if !self.wants(&[x, gamma, beta]) {
