@@ -16,7 +16,9 @@
 // LayerNorm: one workgroup per row. Three passes over the row (sum of shifted values, centred sum of squares,
 // output); the row is re-read from memory each time, where it sits in cache (C <= a few thousand). With
 // `residual`, the row normalised is ln_x + ln_r (a post-LN transformer's LN(h + sublayer(h)) in one kernel),
-// summed in f32 exactly as the add kernel sums it, so the output has the same bits as add then LayerNorm.
+// summed in f32 exactly as the add kernel sums it, so the output has the same bits as add then LayerNorm. The
+// first pass keeps the sum in ln_y (each invocation re-reads only what it wrote), so the other two passes
+// load one value per element, not two.
 
 const LN_WG: u32 = 64u;
 
@@ -52,10 +54,10 @@ fn ln_workgroup_sum(v: f32, li: u32) -> f32 {
     return total;
 }
 
-// Element i of the rows normalised: x, or x + r.
+// Element i of the rows normalised, after the first pass: x, or the sum x + r that pass left in ln_y.
 fn ln_in(i: u32) -> f32 {
     if (ln_p.residual != 0u) {
-        return ln_x[i] + ln_r[i];
+        return ln_y[i];
     }
     return ln_x[i];
 }
@@ -65,10 +67,19 @@ fn ln_in(i: u32) -> f32 {
 fn layer_norm_row(row: u32, li: u32) -> vec2<f32> {
     let c = ln_p.c;
     let base = row * c;
-    let shift = ln_in(base);
+    let residual = ln_p.residual != 0u;
+    var shift = ln_x[base];
+    if (residual) {
+        shift += ln_r[base];
+    }
     var s = 0.0;
     for (var i = li; i < c; i += LN_WG) {
-        s += ln_in(base + i) - shift;
+        var v = ln_x[base + i];
+        if (residual) {
+            v += ln_r[base + i];
+            ln_y[base + i] = v;
+        }
+        s += v - shift;
     }
     // mean = shift + d, kept split so that x - mean = (x - shift) - d loses nothing to the offset.
     let d = ln_workgroup_sum(s, li) / f32(c);
