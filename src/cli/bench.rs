@@ -1,6 +1,7 @@
 //! `wgpu-mlkd bench teacher|train`: the two workloads the performance comparison uses, timed on whatever
-//! adapter is selected. Each prints the adapter, the model FLOPs, the effective GFLOP/s and the peak GPU bytes,
-//! and as its last line `teacher_forward_seconds_per_audio_second=X` or `student_train_step_seconds=X`: the
+//! adapter is selected. Each prints the adapter, the model FLOPs, the effective GFLOP/s, the peak GPU bytes and
+//! the host's time per run (dispatches recorded, bind groups made, time spent recording, encoding and
+//! submitting them), and as its last line `teacher_forward_seconds_per_audio_second=X` or `student_train_step_seconds=X`: the
 //! median of `--repeat` timed runs after one warm-up, weights already on the GPU, results read back.
 //! `benches/compare.sh` runs them beside the PyTorch scripts in `benches/`.
 
