@@ -52,7 +52,7 @@ fn host_per_dispatch(c: &mut Criterion) {
         });
         eprintln!(
             "{name}: {} bind groups created in all ({} on {})",
-            gpu.bind_groups_created(),
+            gpu.host_stats().bind_groups,
             gpu.adapter().name,
             gpu.adapter().backend
         );

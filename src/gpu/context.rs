@@ -610,8 +610,9 @@ impl Gpu {
         self.inner.submissions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Dispatches recorded so far, and the host's seconds spent recording them and encoding and submitting
-    /// every command (not waiting for the GPU): the engine's own overhead per kernel.
+    /// Dispatches recorded so far, bind groups made for them (one per new combination of layout and buffers
+    /// while they are reused), and the host's seconds spent recording them and encoding and submitting every
+    /// command (not waiting for the GPU): the engine's own overhead per kernel.
     pub fn host_stats(&self) -> HostStats {
         use std::sync::atomic::Ordering::Relaxed;
         HostStats {
@@ -626,11 +627,6 @@ impl Gpu {
         self.inner
             .host_nanos
             .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Bind groups created so far: one per new combination of layout and buffers, while the cache is on.
-    pub fn bind_groups_created(&self) -> u64 {
-        self.inner.bind_groups.created()
     }
 
     pub fn reset_peak(&self) {

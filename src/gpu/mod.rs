@@ -87,12 +87,12 @@ mod tests {
             // Two runs: the pool may hand its buffers out in another order the second time.
             run();
             run();
-            let made = g.bind_groups_created();
+            let made = g.host_stats().bind_groups;
             assert!(made >= 2, "{made}");
             for _ in 0..3 {
                 run();
             }
-            let more = g.bind_groups_created() - made;
+            let more = g.host_stats().bind_groups - made;
             assert_eq!(more, if fresh { 6 } else { 0 }, "fresh bind groups: {fresh}");
         }
     }
@@ -120,7 +120,7 @@ mod tests {
             // Every term is a multiple of 1/8 below 2^12: the f32 sums are exact.
             assert_eq!(got, expected.map(|e| e as f32).to_vec(), "after {n} dispatches");
         }
-        assert!(g.bind_groups_created() <= 3, "{}", g.bind_groups_created());
+        assert!(g.host_stats().bind_groups <= 3, "{}", g.host_stats().bind_groups);
     }
 
     /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;

@@ -7,9 +7,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
-use super::bind::BindGroupCache;
-
 use anyhow::{bail, Result};
+
+use super::bind::BindGroupCache;
 
 use crate::fsutil::human_bytes;
 
