@@ -12,7 +12,8 @@
 //!   with its Python-float scalars.
 //!
 //! Layout: parameters are separate [`Tensor`]s (each owns its buffer), so one flat buffer as in llm.c would need
-//! every model tensor to be a view into it. Instead the same kernel runs once per parameter tensor, all
+//! every model tensor to be a view into it. Instead the same kernel runs once per parameter tensor (four
+//! elements per invocation, as vec4; one more dispatch for the last N % 4 where N is not a multiple of 4), all
 //! dispatches recorded into the step's single command list: ~200 small dispatches for the student, no copies.
 
 use anyhow::{ensure, Result};
@@ -146,13 +147,21 @@ pub fn adamw_update(
         s.eps.to_bits(),
         s.neg_step.to_bits(),
         max_norm.to_bits(),
+        0, // start
     ];
-    param.gpu().dispatch(
+    let buffers = [param.buffer(), grad.buffer(), m.buffer(), v.buffer(), norm.buffer()];
+    // Whole vec4 first (lavapipe: 2.1x the scalar kernel), then the last n % 4 elements one by one.
+    let whole = n / 4 * 4;
+    let gpu = param.gpu();
+    gpu.dispatch(&SHADER, "adamw_update4", &buffers, &params, (n / 4).div_ceil(WG) as u32)?;
+    let mut tail = params;
+    tail[10] = whole as u32;
+    gpu.dispatch(
         &SHADER,
         "adamw_update",
-        &[param.buffer(), grad.buffer(), m.buffer(), v.buffer(), norm.buffer()],
-        &params,
-        n.div_ceil(WG) as u32,
+        &buffers,
+        &tail,
+        (n - whole).div_ceil(WG) as u32,
     )
 }
 
@@ -339,41 +348,45 @@ mod tests {
             weight_decay: 0.3,
             max_grad_norm: Some(2.0),
         };
-        let (lr, n) = (0.1, 1_001);
-        let p0 = random_vec(1, n, 1.0);
-        let grads: Vec<Vec<f32>> = (0..3).map(|s| random_vec(10 + s, n, 0.2)).collect();
-        let tp = Tensor::from_slice(gpu, &p0, &[7, 143]).unwrap();
-        let mut opt = AdamW::new(&[&tp], config).unwrap();
-        let (mut p, mut m, mut v) = (f64s(&p0), vec![0.0; n], vec![0.0; n]);
-        for (s, g) in grads.iter().enumerate() {
-            let tg = Tensor::from_slice(gpu, g, &[7, 143]).unwrap();
-            let norm = opt.step(&[&tp], &[&tg], lr).unwrap().unwrap();
-            let got_norm = norm.to_vec().unwrap()[0] as f64;
-            let want_norm = crate::ops::reduce::reference::sum_squares(g).sqrt();
-            assert!(((got_norm - want_norm) / want_norm).abs() < 1e-6);
-            let coef = reference::clip_coef(want_norm, 2.0);
-            let before = p.clone();
-            reference::adamw_update(&mut p, &f64s(g), &mut m, &mut v, &config, lr, s as u64 + 1, coef);
-            let got = tp.to_vec().unwrap();
-            // The update itself, relative to its own size.
-            let got_delta: Vec<f32> = got.iter().zip(&before).map(|(&a, &b)| (a as f64 - b) as f32).collect();
-            let want_delta: Vec<f64> = p.iter().zip(&before).map(|(a, b)| a - b).collect();
-            assert_close(
-                &format!("adamw step {} update", s + 1),
-                &got_delta,
-                &want_delta,
-                Tol::KERNEL,
-            );
-            assert_close(&format!("adamw step {} param", s + 1), &got, &p, Tol::KERNEL);
-            let (gm, gv) = opt.moments();
-            assert_close("adamw exp_avg", &gm[0].to_vec().unwrap(), &m, Tol::KERNEL);
-            assert_close("adamw exp_avg_sq", &gv[0].to_vec().unwrap(), &v, Tol::KERNEL);
-            p = f64s(&got); // continue from the GPU's state so errors do not compound
+        let lr = 0.1;
+        // Whole vec4 and a tail (1001 = 4 x 250 + 1), a tail alone, whole vec4 alone.
+        for shape in [[7, 143], [1, 3], [4, 256]] {
+            let n = shape[0] * shape[1];
+            let p0 = random_vec(1, n, 1.0);
+            let grads: Vec<Vec<f32>> = (0..3).map(|s| random_vec(10 + s, n, 0.2)).collect();
+            let tp = Tensor::from_slice(gpu, &p0, &shape).unwrap();
+            let mut opt = AdamW::new(&[&tp], config).unwrap();
+            let (mut p, mut m, mut v) = (f64s(&p0), vec![0.0; n], vec![0.0; n]);
+            for (s, g) in grads.iter().enumerate() {
+                let tg = Tensor::from_slice(gpu, g, &shape).unwrap();
+                let norm = opt.step(&[&tp], &[&tg], lr).unwrap().unwrap();
+                let got_norm = norm.to_vec().unwrap()[0] as f64;
+                let want_norm = crate::ops::reduce::reference::sum_squares(g).sqrt();
+                assert!(((got_norm - want_norm) / want_norm).abs() < 1e-6);
+                let coef = reference::clip_coef(want_norm, 2.0);
+                let before = p.clone();
+                reference::adamw_update(&mut p, &f64s(g), &mut m, &mut v, &config, lr, s as u64 + 1, coef);
+                let got = tp.to_vec().unwrap();
+                // The update itself, relative to its own size.
+                let got_delta: Vec<f32> = got.iter().zip(&before).map(|(&a, &b)| (a as f64 - b) as f32).collect();
+                let want_delta: Vec<f64> = p.iter().zip(&before).map(|(a, b)| a - b).collect();
+                assert_close(
+                    &format!("adamw step {} update", s + 1),
+                    &got_delta,
+                    &want_delta,
+                    Tol::KERNEL,
+                );
+                assert_close(&format!("adamw step {} param", s + 1), &got, &p, Tol::KERNEL);
+                let (gm, gv) = opt.moments();
+                assert_close("adamw exp_avg", &gm[0].to_vec().unwrap(), &m, Tol::KERNEL);
+                assert_close("adamw exp_avg_sq", &gv[0].to_vec().unwrap(), &v, Tol::KERNEL);
+                p = f64s(&got); // continue from the GPU's state so errors do not compound
+            }
+            assert_eq!(opt.steps(), 3);
+            let wrong = Tensor::zeros(gpu, &[5]).unwrap();
+            assert!(opt.step(&[&tp], &[&wrong], lr).is_err());
+            assert!(opt.step(&[&tp], &[], lr).is_err());
         }
-        assert_eq!(opt.steps(), 3);
-        let wrong = Tensor::zeros(gpu, &[5]).unwrap();
-        assert!(opt.step(&[&tp], &[&wrong], lr).is_err());
-        assert!(opt.step(&[&tp], &[], lr).is_err());
     }
 
     /// `tests/fixtures/adamw/adamw.json`, written by `tests/fixtures/make_adamw_fixture.py`.
