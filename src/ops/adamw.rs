@@ -136,33 +136,35 @@ pub fn adamw_update(
     };
     let n = param.numel();
     let s = step;
-    let params = [
-        n as u32,
-        on,
-        s.decay.to_bits(),
-        s.w1.to_bits(),
-        s.beta2.to_bits(),
-        s.w2.to_bits(),
-        s.bc2_sqrt.to_bits(),
-        s.eps.to_bits(),
-        s.neg_step.to_bits(),
-        max_norm.to_bits(),
-        0, // start
-    ];
+    // `start`: the first element the scalar entry updates (the vec4 entry ignores it).
+    let params = |start: usize| {
+        [
+            n as u32,
+            on,
+            s.decay.to_bits(),
+            s.w1.to_bits(),
+            s.beta2.to_bits(),
+            s.w2.to_bits(),
+            s.bc2_sqrt.to_bits(),
+            s.eps.to_bits(),
+            s.neg_step.to_bits(),
+            max_norm.to_bits(),
+            start as u32,
+        ]
+    };
     let buffers = [param.buffer(), grad.buffer(), m.buffer(), v.buffer(), norm.buffer()];
     // Whole vec4 first (lavapipe: 2.1x the scalar kernel), then the last n % 4 elements one by one.
     let whole = n / 4 * 4;
     let gpu = param.gpu();
-    gpu.dispatch(&SHADER, "adamw_update4", &buffers, &params, (n / 4).div_ceil(WG) as u32)?;
-    let mut tail = params;
-    tail[10] = whole as u32;
     gpu.dispatch(
         &SHADER,
-        "adamw_update",
+        "adamw_update4",
         &buffers,
-        &tail,
-        (n - whole).div_ceil(WG) as u32,
-    )
+        &params(0),
+        (n / 4).div_ceil(WG) as u32,
+    )?;
+    let tail_groups = (n - whole).div_ceil(WG) as u32;
+    gpu.dispatch(&SHADER, "adamw_update", &buffers, &params(whole), tail_groups)
 }
 
 /// The optimiser state: one `exp_avg` and one `exp_avg_sq` per parameter (zeros at first), and the step count.

@@ -1038,34 +1038,89 @@ mod tests {
     /// (B, T, C_in, C_out, K, stride, padding, groups, bias, gelu)
     type Case = (usize, usize, usize, usize, usize, usize, usize, usize, bool, bool);
 
-    fn check(name: &str, seed: u64, case: Case, tol: Tol) {
-        let (b, t, c_in, c_out, k, stride, padding, groups, with_bias, gelu) = case;
+    /// A case's seeded inputs, as host values (for the references) and tensors: x `[B, T, C_in]`, w
+    /// `[C_out, C_in / G, K]` at PyTorch's init scale, bias `[C_out]` and dy `[B, T_out, C_out]`.
+    struct Inputs {
+        xv: Vec<f32>,
+        wv: Vec<f32>,
+        bv: Vec<f32>,
+        dyv: Vec<f32>,
+        x: Tensor,
+        w: Tensor,
+        bias: Tensor,
+        dy: Tensor,
+    }
+
+    fn inputs(seed: u64, (b, t, c_in, c_out, k, s, p, g): GradCase) -> Inputs {
         let gpu = test_gpu();
-        let cg_in = c_in / groups;
+        let cg_in = c_in / g;
+        let t_out = (t + 2 * p - k) / s + 1;
         let xv = random_vec(seed, b * t * c_in, 1.0);
         let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
         let bv = random_vec(seed + 2, c_out, 0.5);
-        let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
-        let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
-        let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
-        let bias = with_bias.then_some(&bias);
+        let dyv = random_vec(seed + 3, b * t_out * c_out, 1.0);
+        Inputs {
+            x: Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap(),
+            w: Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap(),
+            bias: Tensor::from_slice(gpu, &bv, &[c_out]).unwrap(),
+            dy: Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap(),
+            xv,
+            wv,
+            bv,
+            dyv,
+        }
+    }
+
+    /// The forward's geometry of a case (its bias and GELU flags aside).
+    fn geometry(case: Case) -> GradCase {
+        let (b, t, c_in, c_out, k, s, p, g, _, _) = case;
+        (b, t, c_in, c_out, k, s, p, g)
+    }
+
+    /// The f64 reference's forward of `inputs` for `case`.
+    fn forward_reference(inp: &Inputs, case: Case) -> Vec<f64> {
+        let (b, t, c_in, c_out, k, s, p, g, with_bias, gelu) = case;
+        let bias = with_bias.then_some(&inp.bv[..]);
+        reference::conv1d(
+            &inp.xv,
+            [b, t, c_in],
+            &inp.wv,
+            [c_out, c_in / g, k],
+            bias,
+            s,
+            p,
+            g,
+            gelu,
+        )
+    }
+
+    /// dw, db and (where computed) dx against the f64 reference, shapes included.
+    fn assert_grads_match_reference(name: &str, got: &Conv1dGrads, inp: &Inputs, case: GradCase) {
+        let (b, t, c_in, c_out, k, s, p, g) = case;
+        let (xs, ws) = ([b, t, c_in], [c_out, c_in / g, k]);
+        let (dx, dw, db) =
+            reference::conv1d_backward(&to_f64(&inp.dyv), &to_f64(&inp.xv), xs, &to_f64(&inp.wv), ws, s, p, g);
+        assert_eq!(got.dw.shape(), ws, "{name}");
+        assert_eq!(got.db.shape(), [c_out], "{name}");
+        assert_close(&format!("{name} dw"), &got.dw.to_vec().unwrap(), &dw, Tol::KERNEL);
+        assert_close(&format!("{name} db"), &got.db.to_vec().unwrap(), &db, Tol::KERNEL);
+        if let Some(gdx) = &got.dx {
+            assert_eq!(gdx.shape(), xs, "{name}");
+            assert_close(&format!("{name} dx"), &gdx.to_vec().unwrap(), &dx, Tol::KERNEL);
+        }
+    }
+
+    fn check(name: &str, seed: u64, case: Case, tol: Tol) {
+        let (b, t, _, c_out, k, stride, padding, groups, with_bias, gelu) = case;
+        let inp = inputs(seed, geometry(case));
+        let bias = with_bias.then_some(&inp.bias);
         let y = if gelu {
-            conv1d_gelu(&x, &w, bias, stride, padding, groups)
+            conv1d_gelu(&inp.x, &inp.w, bias, stride, padding, groups)
         } else {
-            conv1d(&x, &w, bias, stride, padding, groups)
+            conv1d(&inp.x, &inp.w, bias, stride, padding, groups)
         }
         .unwrap();
-        let want = reference::conv1d(
-            &xv,
-            [b, t, c_in],
-            &wv,
-            [c_out, cg_in, k],
-            with_bias.then_some(&bv[..]),
-            stride,
-            padding,
-            groups,
-            gelu,
-        );
+        let want = forward_reference(&inp, case);
         let t_out = (t + 2 * padding - k) / stride + 1;
         assert_eq!(y.shape(), [b, t_out, c_out], "{name}");
         assert_close(name, &y.to_vec().unwrap(), &want, tol);
@@ -1242,39 +1297,11 @@ mod tests {
     }
 
     fn check_grad(name: &str, seed: u64, case: GradCase, need_dx: bool) -> Conv1dGrads {
-        let (b, t, c_in, c_out, k, s, p, g) = case;
-        let gpu = test_gpu();
-        let cg_in = c_in / g;
-        let t_out = (t + 2 * p - k) / s + 1;
-        let xv = random_vec(seed, b * t * c_in, 1.0);
-        let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
-        let dyv = random_vec(seed + 2, b * t_out * c_out, 1.0);
-        let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
-        let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
-        let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
-        let grads = conv1d_backward(&dy, &x, &w, s, p, g, need_dx).unwrap();
-        let (dx, dw, db) = reference::conv1d_backward(
-            &to_f64(&dyv),
-            &to_f64(&xv),
-            [b, t, c_in],
-            &to_f64(&wv),
-            [c_out, cg_in, k],
-            s,
-            p,
-            g,
-        );
-        assert_eq!(grads.dw.shape(), [c_out, cg_in, k], "{name}");
-        assert_eq!(grads.db.shape(), [c_out], "{name}");
-        assert_close(&format!("{name} dw"), &grads.dw.to_vec().unwrap(), &dw, Tol::KERNEL);
-        assert_close(&format!("{name} db"), &grads.db.to_vec().unwrap(), &db, Tol::KERNEL);
-        match &grads.dx {
-            Some(gdx) => {
-                assert!(need_dx, "{name}: dx computed although not asked for");
-                assert_eq!(gdx.shape(), [b, t, c_in], "{name}");
-                assert_close(&format!("{name} dx"), &gdx.to_vec().unwrap(), &dx, Tol::KERNEL);
-            }
-            None => assert!(!need_dx, "{name}: dx missing"),
-        }
+        let (_, _, _, _, _, s, p, g) = case;
+        let inp = inputs(seed, case);
+        let grads = conv1d_backward(&inp.dy, &inp.x, &inp.w, s, p, g, need_dx).unwrap();
+        assert_eq!(grads.dx.is_some(), need_dx, "{name}: dx computed iff asked for");
+        assert_grads_match_reference(name, &grads, &inp, case);
         grads
     }
 
@@ -1336,33 +1363,14 @@ mod tests {
             ("c512 -> 20 k3", (1, 23, 512, 20, 3, 2, 0, 1, false, false)),
             ("k > t", (1, 3, 4, 6, 7, 1, 3, 1, true, true)),
         ];
-        for (i, (name, (b, t, c_in, c_out, k, s, p, g, with_bias, gelu))) in cases.into_iter().enumerate() {
-            let seed = 900 + 10 * i as u64;
-            let cg_in = c_in / g;
-            let t_out = (t + 2 * p - k) / s + 1;
-            let xv = random_vec(seed, b * t * c_in, 1.0);
-            let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
-            let bv = random_vec(seed + 2, c_out, 0.5);
-            let dyv = random_vec(seed + 3, b * t_out * c_out, 1.0);
-            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
-            let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
-            let bias = Tensor::from_slice(gpu, &bv, &[c_out]).unwrap();
-            let bias = with_bias.then_some(&bias);
-            let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
-            let packed = Conv1dWeight::pack(&w, g).unwrap();
-            let run = |kern| conv1d_packed_with(kern, &x, &packed, bias, s, p, gelu).unwrap();
+        for (i, (name, case)) in cases.into_iter().enumerate() {
+            let (_, _, _, _, _, s, p, g, with_bias, gelu) = case;
+            let inp = inputs(900 + 10 * i as u64, geometry(case));
+            let bias = with_bias.then_some(&inp.bias);
+            let packed = Conv1dWeight::pack(&inp.w, g).unwrap();
+            let run = |kern| conv1d_packed_with(kern, &inp.x, &packed, bias, s, p, gelu).unwrap();
             let (old, new) = (run(ConvKernel::Block4), run(ConvKernel::Subgroup));
-            let want = reference::conv1d(
-                &xv,
-                [b, t, c_in],
-                &wv,
-                [c_out, cg_in, k],
-                with_bias.then_some(&bv[..]),
-                s,
-                p,
-                g,
-                gelu,
-            );
+            let want = forward_reference(&inp, case);
             assert_close(
                 &format!("{name} sg forward"),
                 &new.to_vec().unwrap(),
@@ -1371,38 +1379,15 @@ mod tests {
             );
             same_bits(&format!("{name} forward"), &old, &new);
 
-            let grads = |kern| conv1d_backward_with(Some(kern), &dy, &x, &w, s, p, g, true).unwrap();
+            let grads = |kern| conv1d_backward_with(Some(kern), &inp.dy, &inp.x, &inp.w, s, p, g, true).unwrap();
             let (old, new) = (grads(ConvKernel::Block4), grads(ConvKernel::Subgroup));
-            let (dx, dw, db) = reference::conv1d_backward(
-                &to_f64(&dyv),
-                &to_f64(&xv),
-                [b, t, c_in],
-                &to_f64(&wv),
-                [c_out, cg_in, k],
-                s,
-                p,
-                g,
+            assert!(new.dx.is_some(), "{name}: sg grad without dx");
+            assert_grads_match_reference(&format!("{name} sg grad"), &new, &inp, geometry(case));
+            same_bits(
+                &format!("{name} grad dx"),
+                old.dx.as_ref().unwrap(),
+                new.dx.as_ref().unwrap(),
             );
-            let new_dx = new.dx.as_ref().unwrap();
-            assert_close(
-                &format!("{name} sg grad dx"),
-                &new_dx.to_vec().unwrap(),
-                &dx,
-                Tol::KERNEL,
-            );
-            assert_close(
-                &format!("{name} sg grad dw"),
-                &new.dw.to_vec().unwrap(),
-                &dw,
-                Tol::KERNEL,
-            );
-            assert_close(
-                &format!("{name} sg grad db"),
-                &new.db.to_vec().unwrap(),
-                &db,
-                Tol::KERNEL,
-            );
-            same_bits(&format!("{name} grad dx"), old.dx.as_ref().unwrap(), new_dx);
             same_bits(&format!("{name} grad dw"), &old.dw, &new.dw);
         }
     }
@@ -1423,42 +1408,14 @@ mod tests {
             ("k > t", (1, 3, 4, 8, 7, 1, 3, 1, false, false)),
             ("stride 3 g2", (2, 50, 8, 16, 4, 3, 1, 2, false, false)),
         ];
-        for (i, (name, (b, t, c_in, c_out, k, s, p, g, _, _))) in cases.into_iter().enumerate() {
-            let seed = 1700 + 10 * i as u64;
-            let cg_in = c_in / g;
-            let t_out = (t + 2 * p - k) / s + 1;
-            let xv = random_vec(seed, b * t * c_in, 1.0);
-            let wv = random_vec(seed + 1, c_out * cg_in * k, 1.0 / ((cg_in * k) as f32).sqrt());
-            let dyv = random_vec(seed + 3, b * t_out * c_out, 1.0);
-            let x = Tensor::from_slice(gpu, &xv, &[b, t, c_in]).unwrap();
-            let w = Tensor::from_slice(gpu, &wv, &[c_out, cg_in, k]).unwrap();
-            let dy = Tensor::from_slice(gpu, &dyv, &[b, t_out, c_out]).unwrap();
-            let grads = |need_dx| conv1d_backward_with(Some(ConvKernel::Matmul), &dy, &x, &w, s, p, g, need_dx);
+        for (i, (name, case)) in cases.into_iter().enumerate() {
+            let (_, _, _, _, _, s, p, g, _, _) = case;
+            let inp = inputs(1700 + 10 * i as u64, geometry(case));
+            let grads =
+                |need_dx| conv1d_backward_with(Some(ConvKernel::Matmul), &inp.dy, &inp.x, &inp.w, s, p, g, need_dx);
             let got = grads(true).unwrap();
-            let (dx, dw, db) = reference::conv1d_backward(
-                &to_f64(&dyv),
-                &to_f64(&xv),
-                [b, t, c_in],
-                &to_f64(&wv),
-                [c_out, cg_in, k],
-                s,
-                p,
-                g,
-            );
-            let got_dx = got.dx.as_ref().unwrap().to_vec().unwrap();
-            assert_close(&format!("{name} matmul dx"), &got_dx, &dx, Tol::KERNEL);
-            assert_close(
-                &format!("{name} matmul dw"),
-                &got.dw.to_vec().unwrap(),
-                &dw,
-                Tol::KERNEL,
-            );
-            assert_close(
-                &format!("{name} matmul db"),
-                &got.db.to_vec().unwrap(),
-                &db,
-                Tol::KERNEL,
-            );
+            assert!(got.dx.is_some(), "{name}: matmul grad without dx");
+            assert_grads_match_reference(&format!("{name} matmul"), &got, &inp, geometry(case));
             let no_dx = grads(false).unwrap();
             assert!(no_dx.dx.is_none());
             same_bits(&format!("{name} dw without dx"), &got.dw, &no_dx.dw);
