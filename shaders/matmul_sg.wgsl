@@ -42,10 +42,11 @@ struct MatParams {
     tiles_n: u32,
     alpha: f32,
     flags: u32,
+    bias_bs: u32, // bias elements between batch items (0: one bias for all)
 }
 
 @group(0) @binding(0) var<uniform> mp: MatParams;
-@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // (N), or a dummy when !FLAG_BIAS
+@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[b * bias_bs + j], or a dummy when !FLAG_BIAS
 @group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
 @group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view (scalar)
 @group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
@@ -68,7 +69,7 @@ fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
         if (j < mp.n) {
             var v = mp.alpha * acc[c];
             if ((mp.flags & FLAG_BIAS) != 0u) {
-                v = v + mm_bias[j];
+                v = v + mm_bias[bt * mp.bias_bs + j];
             }
             let idx = base + j * mp.c_cs;
             if ((mp.flags & FLAG_ACCUMULATE) != 0u) {

@@ -45,7 +45,8 @@ pub enum ConvKernel {
     /// are rows of one view (row stride `stride * C_in`, K * C_in contiguous columns) and the packed weight is
     /// `[K * C_in, C_out]`, so the GPU's matmul kernels run the feature encoder. With groups or padding the
     /// input is first copied group-major and zero-padded (`[B, G, T + 2 P, C_in / G]`, `conv1d_group_pad`) and
-    /// each (batch item, group) is one matmul: [`conv1d_packed`] takes this route by default only without
+    /// each batch item is one matmul batched over the groups (each group its own fields, weight block, output
+    /// columns and bias slice): [`conv1d_packed`] takes this route by default only without
     /// groups and padding, [`conv1d_backward`] (dw from tap-major products, dx by col2im) whenever it needs dx,
     /// both only where the tiled matmul is chosen. Needs C_out / groups % 4 == 0 (and C_in / groups for the
     /// backward).
@@ -201,7 +202,9 @@ pub fn conv1d_packed(
 ) -> Result<Tensor> {
     // Where the tiled matmul is chosen (GPUs with shared memory), the feature encoder's convolutions go
     // through it (1.6-1.8x the 4 x 4 kernel on an H100). Grouped or padded ones (the positional conv) keep the
-    // 4 x 4 kernel there: one matmul per group of 48 channels ran at 0.52-0.54x of it (benches/RESULTS.md).
+    // 4 x 4 kernel there: one matmul per group of 48 channels, in turn, ran at 0.52-0.54x of it
+    // (benches/RESULTS.md, H100); the route now runs the groups as one batched product, not yet measured on a
+    // GPU (the GPU kit's conv bench compares it).
     let plain = w.groups == 1 && padding == 0;
     let kernel = if plain && matmul_fits(w) && crate::ops::matmul::tiled_wanted(x.gpu()) {
         ConvKernel::Matmul
@@ -712,8 +715,9 @@ fn receptive_fields(x: &Tensor, groups: usize, padding: usize) -> Result<(Tensor
     Ok((xg, groups * t_pad * cg_in, t_pad * cg_in, cg_in))
 }
 
-/// dw (and dx) of [`ConvKernel::Matmul`] (checked shapes): per group and batch item, dw += dy^T times the
-/// receptive fields (tap-major, then rearranged to torch's layout), and dx = col2im(dy times the weight).
+/// dw (and dx) of [`ConvKernel::Matmul`] (checked shapes): per batch item, one product batched over the
+/// groups: dw += dy^T times the receptive fields (tap-major, then rearranged to torch's layout), and
+/// dx = col2im(dy times the weight).
 fn backward_via_matmul(
     dy: &Tensor,
     x: &Tensor,
@@ -729,39 +733,36 @@ fn backward_via_matmul(
     };
     let cg_out = c_out / groups;
     let (fields, per_item, per_group, per_frame) = receptive_fields(x, groups, padding)?;
-    // dw, tap-major: D[g, o, kk * Cg_in + c] = sum over items and frames of dy[b, t, g, o] * fields[b, g, t, kk, c].
+    // dw, tap-major: D[g, o, kk * Cg_in + c] = sum over items and frames of dy[b, t, g, o] * fields[b, g, t, kk, c];
+    // one product per batch item (the items add up), batched over the groups.
     let taps = Tensor::empty(gpu, &[c_out, k * cg_in], DType::F32)?;
     let dims = MatDims {
-        batch: 1,
+        batch: groups,
         m: cg_out,
         n: k * cg_in,
         k: t_out,
     };
-    for g in 0..groups {
-        let out = View {
-            offset: g * cg_out * k * cg_in,
-            batch_stride: 0,
-            row_stride: k * cg_in,
+    let out = View {
+        batch_stride: cg_out * k * cg_in,
+        ..View::row_major(cg_out, k * cg_in)
+    };
+    for b in 0..batch {
+        let dy_t = View {
+            offset: b * t_out * c_out,
+            batch_stride: cg_out,
+            row_stride: 1,
+            col_stride: c_out,
+        };
+        let windows = View {
+            offset: b * per_item,
+            batch_stride: per_group,
+            row_stride: stride * per_frame,
             col_stride: 1,
         };
-        for b in 0..batch {
-            let dy_t = View {
-                offset: b * t_out * c_out + g * cg_out,
-                batch_stride: 0,
-                row_stride: 1,
-                col_stride: c_out,
-            };
-            let windows = View {
-                offset: b * per_item + g * per_group,
-                batch_stride: 0,
-                row_stride: stride * per_frame,
-                col_stride: 1,
-            };
-            if b == 0 {
-                matmul_into(&taps, out, dy, dy_t, &fields, windows, dims, None, 1.0)?;
-            } else {
-                matmul_accumulate_into(&taps, out, dy, dy_t, &fields, windows, dims, 1.0)?;
-            }
+        if b == 0 {
+            matmul_into(&taps, out, dy, dy_t, &fields, windows, dims, None, 1.0)?;
+        } else {
+            matmul_accumulate_into(&taps, out, dy, dy_t, &fields, windows, dims, 1.0)?;
         }
     }
     let n = dw.numel();
@@ -774,32 +775,26 @@ fn backward_via_matmul(
         n.div_ceil(256) as u32,
     )?;
     let Some(dx) = dx else { return Ok(()) };
-    // G[b, g, t, c * K + kk] = sum over o of dy[b, t, g, o] * w[g, o, c, kk] (torch's weight as it is).
+    // G[b, g, t, c * K + kk] = sum over o of dy[b, t, g, o] * w[g, o, c, kk] (torch's weight as it is); one
+    // product per batch item, batched over the groups.
     let row = cg_in * k;
     let cols = Tensor::empty(gpu, &[batch, groups, t_out, row], DType::F32)?;
     let dims = MatDims {
-        batch: 1,
+        batch: groups,
         m: t_out,
         n: row,
         k: cg_out,
     };
-    for g in 0..groups {
-        let weight = View {
-            offset: g * cg_out * row,
-            batch_stride: 0,
-            row_stride: row,
+    let weight = View::row_major(cg_out, row);
+    for b in 0..batch {
+        let dy_v = View {
+            offset: b * t_out * c_out,
+            batch_stride: cg_out,
+            row_stride: c_out,
             col_stride: 1,
         };
-        for b in 0..batch {
-            let dy_v = View {
-                offset: b * t_out * c_out + g * cg_out,
-                batch_stride: 0,
-                row_stride: c_out,
-                col_stride: 1,
-            };
-            let out = View::row_major(t_out, row).at((b * groups + g) * t_out * row);
-            matmul_into(&cols, out, dy, dy_v, w, weight, dims, None, 1.0)?;
-        }
+        let out = View::row_major(t_out, row).at(b * groups * t_out * row);
+        matmul_into(&cols, out, dy, dy_v, w, weight, dims, None, 1.0)?;
     }
     let n = dx.numel();
     gpu.dispatch(
@@ -821,8 +816,7 @@ fn conv1d_via_matmul(
     padding: usize,
     gelu: bool,
 ) -> Result<()> {
-    use crate::ops::matmul::{matmul_into_tall, matmul_into_with, Activation, MatDims, View};
-    let gpu = x.gpu();
+    use crate::ops::matmul::{matmul_into_tall, Activation, Bias, MatDims, View};
     let &[batch, t, c_in] = x.shape() else {
         bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
     };
@@ -831,12 +825,6 @@ fn conv1d_via_matmul(
     let cg_out_pad = cg_out.div_ceil(BLOCK) * BLOCK;
     let t_out = y.shape()[1];
     let act = if gelu { Activation::Gelu } else { Activation::None };
-    let dims = MatDims {
-        batch: 1,
-        m: t_out,
-        n: cg_out,
-        k: k * cg_in,
-    };
     if groups == 1 && padding == 0 {
         // The receptive fields are rows of the input itself; all batch items in one product.
         let windows = View {
@@ -850,40 +838,47 @@ fn conv1d_via_matmul(
             ..View::row_major(k * c_in, c_out)
         };
         let out = View::row_major(t_out, c_out);
-        let dims = MatDims { batch, ..dims };
-        return matmul_into_tall(y, out, x, windows, &w.packed, weight, dims, bias, act);
+        let dims = MatDims {
+            batch,
+            m: t_out,
+            n: c_out,
+            k: k * c_in,
+        };
+        return matmul_into_tall(y, out, x, windows, &w.packed, weight, dims, bias.map(Bias::shared), act);
     }
     let (fields, per_item, per_group, per_frame) = receptive_fields(x, groups, padding)?;
-    // Each group's bias as a tensor of its own (the matmul epilogue indexes the bias by output column).
-    let group_bias = |g: usize| -> Result<Option<Tensor>> {
-        let Some(b) = bias else { return Ok(None) };
-        let part = Tensor::empty(gpu, &[cg_out], DType::F32)?;
-        part.copy_from(0, b, g * cg_out, cg_out)?;
-        Ok(Some(part))
+    // One product per batch item, batched over the groups: group g reads its own fields, weight block, output
+    // columns and slice of the bias.
+    let weight = View {
+        offset: 0,
+        batch_stride: k * cg_in * cg_out_pad,
+        row_stride: cg_out_pad,
+        col_stride: 1,
     };
-    for g in 0..groups {
-        let gb = group_bias(g)?;
-        let weight = View {
-            offset: g * k * cg_in * cg_out_pad,
-            batch_stride: 0,
-            row_stride: cg_out_pad,
+    let dims = MatDims {
+        batch: groups,
+        m: t_out,
+        n: cg_out,
+        k: k * cg_in,
+    };
+    let bias = bias.map(|tensor| Bias {
+        tensor,
+        batch_stride: cg_out,
+    });
+    for b in 0..batch {
+        let windows = View {
+            offset: b * per_item,
+            batch_stride: per_group,
+            row_stride: stride * per_frame,
             col_stride: 1,
         };
-        for b in 0..batch {
-            let windows = View {
-                offset: b * per_item + g * per_group,
-                batch_stride: 0,
-                row_stride: stride * per_frame,
-                col_stride: 1,
-            };
-            let out = View {
-                offset: b * t_out * c_out + g * cg_out,
-                batch_stride: 0,
-                row_stride: c_out,
-                col_stride: 1,
-            };
-            matmul_into_with(y, out, &fields, windows, &w.packed, weight, dims, gb.as_ref(), 1.0, act)?;
-        }
+        let out = View {
+            offset: b * t_out * c_out,
+            batch_stride: cg_out,
+            row_stride: c_out,
+            col_stride: 1,
+        };
+        matmul_into_tall(y, out, &fields, windows, &w.packed, weight, dims, bias, act)?;
     }
     Ok(())
 }
@@ -1155,7 +1150,7 @@ mod tests {
     fn matmul_route_matches_reference() {
         let gpu = test_gpu();
         // Without groups and padding the input is read in place; with them, through a group-major padded copy
-        // and one matmul per (item, group).
+        // and one matmul per item, batched over the groups.
         // (b, t, c_in, c_out, k, stride, padding, groups, bias, gelu)
         for (i, (b, t, c_in, c_out, k, s, p, g, with_bias, gelu)) in [
             (

@@ -133,6 +133,25 @@ pub struct MatDims {
     pub k: usize,
 }
 
+/// The bias of a product's epilogue: batch item `b`'s column `j` adds `tensor[b * batch_stride + j]`. A batch
+/// stride of 0 (the usual case, [`Bias::shared`]) adds one bias to every item; a grouped convolution run as
+/// one product over its groups gives each group its own slice of the bias.
+#[derive(Clone, Copy, Debug)]
+pub struct Bias<'a> {
+    pub tensor: &'a Tensor,
+    pub batch_stride: usize,
+}
+
+impl<'a> Bias<'a> {
+    /// One bias `[n]` for every batch item.
+    pub fn shared(tensor: &'a Tensor) -> Bias<'a> {
+        Bias {
+            tensor,
+            batch_stride: 0,
+        }
+    }
+}
+
 /// What the epilogue applies after `alpha * A·B + bias`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Activation {
@@ -525,7 +544,19 @@ pub fn matmul_into_with(
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
     let split = split_k_for(out.gpu(), dims);
-    launch(kernel, split, out, a, b, views, dims, bias, alpha, act, false)
+    launch(
+        kernel,
+        split,
+        out,
+        a,
+        b,
+        views,
+        dims,
+        bias.map(Bias::shared),
+        alpha,
+        act,
+        false,
+    )
 }
 
 /// [`matmul_into_with`] for a product known to be tall (a convolution over frames: thousands of rows that
@@ -542,7 +573,7 @@ pub fn matmul_into_tall(
     b: &Tensor,
     b_view: View,
     dims: MatDims,
-    bias: Option<&Tensor>,
+    bias: Option<Bias>,
     act: Activation,
 ) -> Result<()> {
     let mut kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
@@ -604,7 +635,19 @@ pub(crate) fn matmul_with_kernel(
     act: Activation,
 ) -> Result<()> {
     let views = (out_view, a_view, b_view);
-    launch(kernel, 1, out, a, b, views, dims, bias, alpha, act, false)
+    launch(
+        kernel,
+        1,
+        out,
+        a,
+        b,
+        views,
+        dims,
+        bias.map(Bias::shared),
+        alpha,
+        act,
+        false,
+    )
 }
 
 /// Checks and records one matmul; `views` are (C, A, B); `accumulate` adds C's previous contents; `split`
@@ -618,7 +661,7 @@ fn launch(
     b: &Tensor,
     (out_view, a_view, b_view): (View, View, View),
     dims: MatDims,
-    bias: Option<&Tensor>,
+    bias: Option<Bias>,
     alpha: f32,
     act: Activation,
     accumulate: bool,
@@ -649,10 +692,19 @@ fn launch(
     if out.buffer() == a.buffer() || out.buffer() == b.buffer() {
         bail!("matmul: the output must not share a buffer with A or B");
     }
-    if let Some(bias) = bias {
-        if bias.dtype() != DType::F32 || bias.numel() != n {
+    // A batch stride 0 (or one batch item) is one bias of exactly n; otherwise the last item's must fit.
+    let bias_batch_stride = bias.map_or(0, |b| if batch > 1 { b.batch_stride } else { 0 });
+    if let Some(Bias { tensor: bias, .. }) = bias {
+        let needed = (batch as u128 - 1) * bias_batch_stride as u128 + n as u128;
+        let fits = if bias_batch_stride == 0 {
+            bias.numel() == n
+        } else {
+            needed <= bias.numel() as u128
+        };
+        if bias.dtype() != DType::F32 || !fits {
             bail!(
-                "matmul: bias must be f32 with n = {n} elements, got {:?} {:?}",
+                "matmul: bias must be f32 with n = {n} elements (batch stride {bias_batch_stride} over {batch} \
+                 items: {needed}), got {:?} {:?}",
                 bias.dtype(),
                 bias.shape()
             );
@@ -722,9 +774,10 @@ fn launch(
         u(tiles_n),
         alpha.to_bits(),
         flags,
+        u(bias_batch_stride),
     ];
     // Without a bias the shader never reads binding 3; A's buffer stands in (read-only twice is allowed).
-    let bias_buf = bias.map_or(a.buffer(), |t| t.buffer());
+    let bias_buf = bias.map_or(a.buffer(), |b| b.tensor.buffer());
     if let Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) = kernel {
         if t.rows == 0 || t.cols == 0 || t.rows as usize * t.cols as usize * 8 > 256 {
             bail!("matmul: subgroup tile {t:?} must have 1 to 32 subgroups");
@@ -752,7 +805,7 @@ fn launch_split_k(
     b: &Tensor,
     (cv, av, bv): (View, View, View),
     dims: MatDims,
-    bias: Option<&Tensor>,
+    bias: Option<Bias>,
     alpha: f32,
     act: Activation,
     accumulate: bool,
@@ -818,7 +871,8 @@ fn launch_split_k(
     if elements > u32::MAX as usize - 256 {
         bail!("matmul: split-K over {m} x {n} outputs is beyond 32-bit indexing");
     }
-    let bias_buf = bias.map_or(partial.buffer(), |t| t.buffer());
+    // One batch item (launch checked), so the bias is its first n elements whatever its batch stride.
+    let bias_buf = bias.map_or(partial.buffer(), |b| b.tensor.buffer());
     out.gpu().dispatch(
         &SPLIT_K_SHADER,
         "matmul_split_k_reduce",
@@ -836,7 +890,7 @@ fn launch_parts(
     b: &Tensor,
     views: (View, View, View),
     dims: MatDims,
-    (bias, alpha, act, accumulate): (Option<&Tensor>, f32, Activation, bool),
+    (bias, alpha, act, accumulate): (Option<Bias>, f32, Activation, bool),
 ) -> Result<()> {
     launch(kernel, 1, out, a, b, views, dims, bias, alpha, act, accumulate)
 }
@@ -1050,7 +1104,7 @@ fn linear_half_split(
         &w.packed,
         half_views(w, dims),
         dims,
-        bias,
+        bias.map(Bias::shared),
         1.0,
         act,
         false,
@@ -1443,7 +1497,7 @@ mod tests {
         let tc = Tensor::empty(test_gpu(), &[c_len], DType::F32).unwrap();
         tc.fill(sentinel).unwrap();
         let kernel = kernel.unwrap_or_else(|| choose_kernel(av, bv, dims));
-        let bias_t = with_bias.then_some(&tbias);
+        let bias_t = with_bias.then_some(Bias::shared(&tbias));
         launch(
             kernel,
             split,
@@ -2507,6 +2561,103 @@ mod tests {
         let prod = reference::matmul_strided(&a, av, &b, bv, dims, None, 0.5, Activation::None);
         let want: Vec<f64> = prod.iter().zip(&c0).map(|(p, c)| p + *c as f64).collect();
         assert_close("matmul accumulate", &c.to_vec().unwrap(), &want, Tol::KERNEL);
+    }
+
+    /// A bias with a batch stride (each item its own slice: a grouped convolution batched over its groups)
+    /// on every kernel this adapter runs, both layouts, with GELU, against the f64 reference item by item; and
+    /// a bias too short for its stride is refused.
+    #[test]
+    fn per_item_bias_matches_reference() {
+        let gpu = test_gpu();
+        let (batch, m, n, k) = (3, 67, 36, 132);
+        let dims = MatDims { batch, m, n, k };
+        let stride = n + 5; // gaps between the items' slices must never be read
+        let a = random_vec(70, batch * m * k, 1.0);
+        let b = random_vec(71, batch * k * n, 1.0);
+        let bias = random_vec(72, (batch - 1) * stride + n, 1.0);
+        let (ta, tb, tbias) = (upload(&a), upload(&b), upload(&bias));
+        let av = View::row_major(m, k);
+        let nt = View {
+            batch_stride: n * k,
+            ..View::transposed(k, n)
+        };
+        let nn = View::row_major(k, n);
+        assert_eq!(
+            (choose_kernel(av, nt, dims), choose_kernel(av, nn, dims)),
+            (Kernel::Nt4, Kernel::Nn4)
+        );
+        let sg = |f: fn(SgTile) -> Kernel| SG_TILES.map(f).into_iter().filter(|_| gpu.subgroups_of_8());
+        let nt_kernels = [Kernel::Nt4, Kernel::TiledNt4, Kernel::Tiled8Nt4]
+            .into_iter()
+            .chain(sg(Kernel::SgNt4));
+        let nn_kernels = [Kernel::Nn4, Kernel::TiledNn4, Kernel::Tiled8Nn4]
+            .into_iter()
+            .chain(sg(Kernel::SgNn4));
+        let runs = nt_kernels
+            .map(|kern| (kern, nt))
+            .chain(nn_kernels.map(|kern| (kern, nn)))
+            .chain([(Kernel::General, nt), (Kernel::General, nn)]);
+        let per_item = Bias {
+            tensor: &tbias,
+            batch_stride: stride,
+        };
+        for (kernel, bv) in runs {
+            let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
+            let views = (View::row_major(m, n), av, bv);
+            launch(
+                kernel,
+                1,
+                &c,
+                &ta,
+                &tb,
+                views,
+                dims,
+                Some(per_item),
+                1.0,
+                Activation::Gelu,
+                false,
+            )
+            .unwrap();
+            let want: Vec<f64> = (0..batch)
+                .flat_map(|i| {
+                    let item = |v: View| View {
+                        offset: v.offset + i * v.batch_stride,
+                        ..v
+                    };
+                    let one = MatDims { batch: 1, ..dims };
+                    let slice = &bias[i * stride..i * stride + n];
+                    reference::matmul_strided(&a, item(av), &b, item(bv), one, Some(slice), 1.0, Activation::Gelu)
+                })
+                .collect();
+            assert_close(
+                &format!("per-item bias {kernel:?}"),
+                &c.to_vec().unwrap(),
+                &want,
+                Tol::KERNEL,
+            );
+        }
+        let short = upload(&bias[..(batch - 1) * stride + n - 1]);
+        let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
+        let views = (View::row_major(m, n), av, nn);
+        let too_short = Bias {
+            tensor: &short,
+            batch_stride: stride,
+        };
+        let e = launch(
+            Kernel::Nn4,
+            1,
+            &c,
+            &ta,
+            &tb,
+            views,
+            dims,
+            Some(too_short),
+            1.0,
+            Activation::None,
+            false,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("batch stride 41 over 3 items"), "{e:#}");
     }
 
     #[test]
