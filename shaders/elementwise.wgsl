@@ -11,6 +11,7 @@ struct FillParams {
 
 struct BinaryParams {
     n: u32,
+    start: u32, // the scalar GELU entries: the first element (the vec4 entries did those before it)
 }
 
 @group(0) @binding(0) var<uniform> fill_p: FillParams;
@@ -40,16 +41,31 @@ fn add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
     }
 }
 
+// GELU and its backward in two entries each: the vec4 one for the first N / 4 * 4 elements (lavapipe pays
+// per load instruction, and one vec4 load is one bounds check for four values), the scalar one from `start`
+// for the rest. Both apply the same scalar function to each element, so the bits do not depend on which ran.
 @group(0) @binding(0) var<uniform> gelu_p: BinaryParams;
 @group(0) @binding(1) var<storage, read> gelu_x: array<f32>;       // (N)
 @group(0) @binding(2) var<storage, read_write> gelu_y: array<f32>; // (N)
+@group(0) @binding(1) var<storage, read> gelu_x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> gelu_y4: array<vec4<f32>>;
 
 // erfc_approx and gelu_exact: shaders/common.wgsl.
 
 @compute @workgroup_size(256)
+fn gelu_forward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < gelu_p.n / 4u) {
+        let x = gelu_x4[i];
+        gelu_y4[i] = vec4<f32>(gelu_exact(x.x), gelu_exact(x.y), gelu_exact(x.z), gelu_exact(x.w));
+    }
+}
+
+@compute @workgroup_size(256)
 fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) li: u32) {
-    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    let i = gelu_p.start + (wg.x + wg.y * nwg.x) * WG + li;
     if (i < gelu_p.n) {
         gelu_y[i] = gelu_exact(gelu_x[i]);
     }
@@ -59,6 +75,9 @@ fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
 @group(0) @binding(1) var<storage, read> gelu_bw_x: array<f32>;        // (N) the forward's input
 @group(0) @binding(2) var<storage, read> gelu_bw_dy: array<f32>;       // (N)
 @group(0) @binding(3) var<storage, read_write> gelu_bw_dx: array<f32>; // (N)
+@group(0) @binding(1) var<storage, read> gelu_bw_x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gelu_bw_dy4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> gelu_bw_dx4: array<vec4<f32>>;
 
 // d/dx [x Phi(x)] = Phi(x) + x phi(x), with Phi from the same erfc as the forward (full relative precision in
 // the negative tail) and phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
@@ -69,9 +88,21 @@ fn gelu_exact_grad(x: f32) -> f32 {
 }
 
 @compute @workgroup_size(256)
+fn gelu_backward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < gelu_bw_p.n / 4u) {
+        let x = gelu_bw_x4[i];
+        let grad = vec4<f32>(gelu_exact_grad(x.x), gelu_exact_grad(x.y), gelu_exact_grad(x.z),
+                             gelu_exact_grad(x.w));
+        gelu_bw_dx4[i] = gelu_bw_dy4[i] * grad;
+    }
+}
+
+@compute @workgroup_size(256)
 fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) li: u32) {
-    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    let i = gelu_bw_p.start + (wg.x + wg.y * nwg.x) * WG + li;
     if (i < gelu_bw_p.n) {
         gelu_bw_dx[i] = gelu_bw_dy[i] * gelu_exact_grad(gelu_bw_x[i]);
     }

@@ -33,7 +33,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         &SHADER,
         "add_forward",
         &[a.buffer(), b.buffer(), y.buffer()],
-        &[n as u32],
+        &[n as u32, 0],
         groups(n),
     )?;
     Ok(y)
@@ -41,16 +41,30 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Exact erf GELU (torch.nn.GELU's default).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    check_f32("gelu", "x", x)?;
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
-    let n = x.numel();
-    x.gpu().dispatch(
-        &SHADER,
-        "gelu_forward",
-        &[x.buffer(), y.buffer()],
-        &[n as u32],
-        groups(n),
-    )?;
+    dispatch_vec4_and_tail(("gelu_forward4", "gelu_forward"), &[x, &y])?;
     Ok(y)
+}
+
+/// Runs the vec4 entry over the first `n / 4` vec4 and the scalar entry over the last `n % 4` elements (if
+/// any), both with parameters `[n, start]`, `n` the first tensor's elements.
+fn dispatch_vec4_and_tail((vec4_entry, scalar_entry): (&'static str, &'static str), tensors: &[&Tensor]) -> Result<()> {
+    let gpu = tensors[0].gpu();
+    let n = tensors[0].numel();
+    let whole = n / 4 * 4;
+    let buffers: Vec<_> = tensors.iter().map(|t| t.buffer()).collect();
+    gpu.dispatch(&SHADER, vec4_entry, &buffers, &[n as u32, 0], groups(n / 4))?;
+    if whole < n {
+        gpu.dispatch(
+            &SHADER,
+            scalar_entry,
+            &buffers,
+            &[n as u32, whole as u32],
+            groups(n - whole),
+        )?;
+    }
+    Ok(())
 }
 
 fn check_f32(op: &str, what: &str, t: &Tensor) -> Result<()> {
@@ -80,14 +94,7 @@ fn check_same(op: &str, (an, a): (&str, &Tensor), (bn, b): (&str, &Tensor)) -> R
 pub fn gelu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     check_same("gelu_backward", ("x", x), ("dy", dy))?;
     let dx = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
-    let n = x.numel();
-    x.gpu().dispatch(
-        &SHADER,
-        "gelu_backward",
-        &[x.buffer(), dy.buffer(), dx.buffer()],
-        &[n as u32],
-        groups(n),
-    )?;
+    dispatch_vec4_and_tail(("gelu_backward4", "gelu_backward"), &[x, dy, &dx])?;
     Ok(dx)
 }
 
@@ -192,6 +199,30 @@ mod tests {
             if r.abs() > 1e-3 {
                 assert!(((g as f64 - r) / r).abs() < 2e-6, "gelu({}) = {g}, want {r}", x[i]);
             }
+        }
+    }
+
+    /// The vec4 entries cover the first n / 4 * 4 elements and the scalar ones the rest: an element gives the
+    /// same bits through either (lengths that move elements 10012-10013 between them, a tail alone, whole
+    /// vec4 alone), forward and backward.
+    #[test]
+    fn gelu_vec4_and_tail_entries_agree_bitwise() {
+        let gpu = test_gpu();
+        let x = random_vec(6, 10_015, 6.0);
+        let dy = random_vec(7, x.len(), 2.0);
+        let up = |v: &[f32]| Tensor::from_slice(gpu, v, &[v.len()]).unwrap();
+        let run = |n: usize| {
+            let (xt, dyt) = (up(&x[..n]), up(&dy[..n]));
+            let y = gelu(&xt).unwrap().to_vec().unwrap();
+            let dx = gelu_backward(&xt, &dyt).unwrap().to_vec().unwrap();
+            (y, dx)
+        };
+        let (y_all, dx_all) = run(x.len()); // 3 in the tail
+        for n in [10_014, 10_012, 3, 8] {
+            let (y, dx) = run(n);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&y_all[..n]), "gelu, n = {n}");
+            assert_eq!(bits(&dx), bits(&dx_all[..n]), "gelu_backward, n = {n}");
         }
     }
 
