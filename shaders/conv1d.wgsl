@@ -6,7 +6,9 @@
 
 // ---------------------------------------------------------------------------------------------------------
 // Weight packing: torch's (C_out, Cg_in, K) -> (G, K, Cg_in, Cg_out_pad), zero-padded, so that the conv reads
-// 4 consecutive output channels of one tap and one input channel as a single aligned vec4.
+// 4 consecutive output channels of one tap and one input channel as a single aligned vec4. Each invocation
+// writes one such vec4 (Cg_out_pad is a multiple of 4): one index computation and one store for four values
+// (lavapipe pays per store, and for each integer division, lane by lane).
 
 struct PackParams {
     n: u32,          // G * K * Cg_in * Cg_out_pad
@@ -18,24 +20,29 @@ struct PackParams {
 
 @group(0) @binding(0) var<uniform> pack_p: PackParams;
 @group(0) @binding(1) var<storage, read> pack_w: array<f32>;         // (C_out, Cg_in, K)
-@group(0) @binding(2) var<storage, read_write> pack_wt: array<f32>;  // (G, K, Cg_in, Cg_out_pad)
+@group(0) @binding(2) var<storage, read_write> pack_wt: array<vec4<f32>>; // (G, K, Cg_in, Cg_out_pad / 4)
 
 @compute @workgroup_size(256)
 fn pack_weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
-    let i = (wg.x + wg.y * nwg.x) * 256u + li;
-    if (i >= pack_p.n) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // the vec4 of elements 4 i .. 4 i + 3
+    if (i >= pack_p.n / 4u) {
         return;
     }
-    let co = i % pack_p.cg_out_pad;
-    let r = i / pack_p.cg_out_pad;
+    let co = (4u * i) % pack_p.cg_out_pad;
+    let r = (4u * i) / pack_p.cg_out_pad;
     let ci = r % pack_p.cg_in;
     let r2 = r / pack_p.cg_in;
     let k = r2 % pack_p.k;
     let g = r2 / pack_p.k;
-    var v = 0.0;
-    if (co < pack_p.cg_out) {
-        v = pack_w[((g * pack_p.cg_out + co) * pack_p.cg_in + ci) * pack_p.k + k];
+    // Output channels co .. co + 3 are Cg_in * K apart in torch's layout.
+    let src = ((g * pack_p.cg_out + co) * pack_p.cg_in + ci) * pack_p.k + k;
+    let step = pack_p.cg_in * pack_p.k;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (co + j < pack_p.cg_out) {
+            v[j] = pack_w[src + j * step];
+        }
     }
     pack_wt[i] = v;
 }
@@ -159,6 +166,7 @@ fn conv1d_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
 // ---------------------------------------------------------------------------------------------------------
 // Weight packing for dx: torch's (C_out, Cg_in, K) -> (G, K, Cg_out, Cg_in_pad), zero-padded, so that the
 // transposed conv reads 4 consecutive input channels of one tap and one output channel as an aligned vec4.
+// One vec4 per invocation, as pack_weight.
 
 struct PackBwdParams {
     n: u32,          // G * K * Cg_out * Cg_in_pad
@@ -170,24 +178,28 @@ struct PackBwdParams {
 
 @group(0) @binding(0) var<uniform> pkb_p: PackBwdParams;
 @group(0) @binding(1) var<storage, read> pkb_w: array<f32>;         // (C_out, Cg_in, K)
-@group(0) @binding(2) var<storage, read_write> pkb_wt: array<f32>;  // (G, K, Cg_out, Cg_in_pad)
+@group(0) @binding(2) var<storage, read_write> pkb_wt: array<vec4<f32>>; // (G, K, Cg_out, Cg_in_pad / 4)
 
 @compute @workgroup_size(256)
 fn conv1d_backward_pack_weight(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                                @builtin(local_invocation_index) li: u32) {
-    let i = (wg.x + wg.y * nwg.x) * 256u + li;
-    if (i >= pkb_p.n) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // the vec4 of elements 4 i .. 4 i + 3
+    if (i >= pkb_p.n / 4u) {
         return;
     }
-    let ci = i % pkb_p.cg_in_pad;
-    let r = i / pkb_p.cg_in_pad;
+    let ci = (4u * i) % pkb_p.cg_in_pad;
+    let r = (4u * i) / pkb_p.cg_in_pad;
     let co = r % pkb_p.cg_out;
     let r2 = r / pkb_p.cg_out;
     let k = r2 % pkb_p.k;
     let g = r2 / pkb_p.k;
-    var v = 0.0;
-    if (ci < pkb_p.cg_in) {
-        v = pkb_w[((g * pkb_p.cg_out + co) * pkb_p.cg_in + ci) * pkb_p.k + k];
+    // Input channels ci .. ci + 3 are K apart in torch's layout.
+    let src = ((g * pkb_p.cg_out + co) * pkb_p.cg_in + ci) * pkb_p.k + k;
+    var v = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        if (ci + j < pkb_p.cg_in) {
+            v[j] = pkb_w[src + j * pkb_p.k];
+        }
     }
     pkb_wt[i] = v;
 }

@@ -128,7 +128,7 @@ impl Conv1dWeight {
             "pack_weight",
             &[w.buffer(), packed.buffer()],
             &[n as u32, k as u32, cg_in as u32, cg_out as u32, cg_out_pad as u32],
-            n.div_ceil(256) as u32,
+            (n / 4).div_ceil(256) as u32, // one vec4 per invocation (the padded channels make n % 4 == 0)
         )?;
         Ok(Conv1dWeight {
             packed,
@@ -484,7 +484,7 @@ pub(crate) fn conv1d_backward_with(
             "conv1d_backward_pack_weight",
             &[w.buffer(), wt.buffer()],
             &[n as u32, k as u32, cg_in as u32, cg_out as u32, cg_in_pad as u32],
-            n.div_ceil(256) as u32,
+            (n / 4).div_ceil(256) as u32, // one vec4 per invocation (the padded channels make n % 4 == 0)
         )?;
         let cib_per_group = cg_in_pad / BLOCK;
         if dx_kernel == ConvKernel::Subgroup {
