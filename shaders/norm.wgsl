@@ -255,6 +255,12 @@ struct NcParams {
 @group(0) @binding(3) var<storage, read> nc_gamma: array<f32>;     // (C)
 @group(0) @binding(4) var<storage, read> nc_beta: array<f32>;      // (C)
 @group(0) @binding(5) var<storage, read_write> nc_y: array<f32>;   // (B, T, C)
+// The same bindings as vec4, for normalize_channels_forward4 (C % 4 == 0).
+@group(0) @binding(1) var<storage, read> nc_x4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> nc_mr4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> nc_gamma4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> nc_beta4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> nc_y4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn normalize_channels_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -271,6 +277,26 @@ fn normalize_channels_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num
         v = gelu_exact(v);
     }
     nc_y[i] = v;
+}
+
+// Four channels per invocation where C % 4 == 0: the same arithmetic per element, one vec4 load per operand
+// instead of four (lavapipe pays per load instruction) and a quarter of the index arithmetic.
+@compute @workgroup_size(256)
+fn normalize_channels_forward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // elements 4 i .. 4 i + 3
+    let c4 = nc_p.c / 4u;
+    if (i >= nc_p.n / 4u) {
+        return;
+    }
+    let c = i % c4;
+    let b = i / (nc_p.t * c4);
+    let o = b * 2u * c4 + c;
+    var v = (nc_x4[i] - nc_mr4[o]) * nc_mr4[o + c4] * nc_gamma4[c] + nc_beta4[c];
+    if (nc_p.gelu != 0u) {
+        v = vec4<f32>(gelu_exact(v.x), gelu_exact(v.y), gelu_exact(v.z), gelu_exact(v.w));
+    }
+    nc_y4[i] = v;
 }
 
 // =========================================================================================================
@@ -456,6 +482,13 @@ struct GnbParams {
 @group(0) @binding(4) var<storage, read> gnb_gamma: array<f32>;      // (C)
 @group(0) @binding(5) var<storage, read> gnb_sums: array<f32>;       // (B, 2, C): sum dy xhat, sum dy
 @group(0) @binding(6) var<storage, read_write> gnb_dx: array<f32>;   // (B, T, C)
+// The same bindings as vec4, for group_norm_time_backward_input4 (C % 4 == 0).
+@group(0) @binding(1) var<storage, read> gnb_dy4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> gnb_x4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> gnb_mr4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> gnb_gamma4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> gnb_sums4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> gnb_dx4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn group_norm_time_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -471,4 +504,22 @@ fn group_norm_time_backward_input(@builtin(workgroup_id) wg: vec3<u32>, @builtin
     let xhat = (gnb_x[i] - gnb_mr[o]) * rstd;
     let inv_t = 1.0 / f32(gnb_p.t);
     gnb_dx[i] = rstd * gnb_gamma[c] * (gnb_dy[i] - gnb_sums[o + gnb_p.c] * inv_t - xhat * gnb_sums[o] * inv_t);
+}
+
+// Four channels per invocation where C % 4 == 0 (as normalize_channels_forward4).
+@compute @workgroup_size(256)
+fn group_norm_time_backward_input4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                   @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li; // elements 4 i .. 4 i + 3
+    let c4 = gnb_p.c / 4u;
+    if (i >= gnb_p.n / 4u) {
+        return;
+    }
+    let c = i % c4;
+    let b = i / (gnb_p.t * c4);
+    let o = b * 2u * c4 + c;
+    let rstd = gnb_mr4[o + c4];
+    let xhat = (gnb_x4[i] - gnb_mr4[o]) * rstd;
+    let inv_t = 1.0 / f32(gnb_p.t);
+    gnb_dx4[i] = rstd * gnb_gamma4[c] * (gnb_dy4[i] - gnb_sums4[o + c4] * inv_t - xhat * gnb_sums4[o] * inv_t);
 }

@@ -199,9 +199,10 @@ pub fn normalize_channels(x: &Tensor, mean_rstd: &Tensor, gamma: &Tensor, beta: 
     );
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let n = x.numel();
+    let (entry, per_invocation) = per_channel_entry(c, ("normalize_channels_forward4", "normalize_channels_forward"));
     x.gpu().dispatch(
         &SHADER,
-        "normalize_channels_forward",
+        entry,
         &[
             x.buffer(),
             mean_rstd.buffer(),
@@ -210,9 +211,19 @@ pub fn normalize_channels(x: &Tensor, mean_rstd: &Tensor, gamma: &Tensor, beta: 
             y.buffer(),
         ],
         &[n as u32, t as u32, c as u32, gelu as u32],
-        n.div_ceil(WG_ELEM) as u32,
+        (n / per_invocation).div_ceil(WG_ELEM) as u32,
     )?;
     Ok(y)
+}
+
+/// The per-element channel kernels' entry for `c` channels and its elements per invocation: the vec4 one
+/// (four channels per invocation) where `c % 4 == 0`, else the scalar one.
+fn per_channel_entry(c: usize, (vec4_entry, scalar_entry): (&'static str, &'static str)) -> (&'static str, usize) {
+    if c % 4 == 0 {
+        (vec4_entry, 4)
+    } else {
+        (scalar_entry, 1)
+    }
 }
 
 /// torch `GroupNorm(C, C)` on the `[B, C, T]` view of `x` `[B, T, C]`: each (b, c) normalised over all T.
@@ -413,9 +424,11 @@ pub fn group_norm_time_backward(
     let sums = Tensor::empty(gpu, &[b, 2, c], DType::F32)?;
     sum_chunks(&part, &sums, b, n_chunks, 2 * c)?;
     let n = x.numel();
+    let entries = ("group_norm_time_backward_input4", "group_norm_time_backward_input");
+    let (entry, per_invocation) = per_channel_entry(c, entries);
     gpu.dispatch(
         &SHADER,
-        "group_norm_time_backward_input",
+        entry,
         &[
             dy.buffer(),
             x.buffer(),
@@ -425,7 +438,7 @@ pub fn group_norm_time_backward(
             dx.buffer(),
         ],
         &[n as u32, t as u32, c as u32],
-        n.div_ceil(WG_ELEM) as u32,
+        (n / per_invocation).div_ceil(WG_ELEM) as u32,
     )?;
     let gb = if b == 1 {
         sums.reshape(&[2, c])?
@@ -818,6 +831,7 @@ mod tests {
             (1, 1000, 37, 100.0, true),
             (2, 129, 5, -20.0, true),
             (1, 77, 64, 0.0, false),
+            (2, 129, 12, 5.0, true), // C % 4 == 0: the vec4 kernel, with GELU
             (2, 1, 3, 1.0, false),
         ]
         .into_iter()
@@ -1054,6 +1068,7 @@ mod tests {
         for (i, (shape, offset)) in [
             ([2usize, 1000usize, 37usize], 100.0f32),
             ([1, 77, 64], 0.0),
+            ([2, 53, 8], 2.0), // C % 4 == 0: the vec4 dx kernel, over two items
             ([2, 129, 5], -20.0),
             ([2, 1, 3], 1.0),
             ([1, 300, 1], 3.0),
