@@ -1,7 +1,9 @@
 // Weight normalisation over dim 2 (torch weight_norm(conv, dim=2), the positional conv of wav2vec 2.0):
 //   w[o, i, k] = g[k] * v[o, i, k] / n[k],   n[k] = ||v[:, :, k]||_2.
 // v, w, dv, dw: (M, K) with M = O * I rows and k fastest (torch's [O, I, K] layout); g, n, dg: (K).
-// One workgroup per k reduces over the M rows in a fixed order (deterministic).
+// One workgroup per k reduces over the M rows in a fixed order (deterministic). The element-wise passes
+// (apply, dv) also come as vec4 entries for K % 4 == 0 (four consecutive k per invocation, the same
+// arithmetic per element; lavapipe pays per load instruction).
 
 const WG: u32 = 256u;
 
@@ -52,6 +54,10 @@ fn weight_norm_norms_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
 @group(0) @binding(2) var<storage, read> a_v: array<f32>;            // (M, K)
 @group(0) @binding(3) var<storage, read> a_norm: array<f32>;         // (K)
 @group(0) @binding(4) var<storage, read_write> a_w: array<f32>;      // (M, K)
+@group(0) @binding(1) var<storage, read> a_g4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> a_v4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> a_norm4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> a_w4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn weight_norm_apply_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -60,6 +66,16 @@ fn weight_norm_apply_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
     if (i < ap.m * ap.k) {
         let k = i % ap.k;
         a_w[i] = a_g[k] * a_v[i] / a_norm[k];
+    }
+}
+
+@compute @workgroup_size(256)
+fn weight_norm_apply_forward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li; // elements 4 i .. 4 i + 3
+    if (i < ap.m * ap.k / 4u) {
+        let k = i % (ap.k / 4u);
+        a_w4[i] = a_g4[k] * a_v4[i] / a_norm4[k];
     }
 }
 
@@ -93,6 +109,12 @@ fn weight_norm_dg_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
 @group(0) @binding(4) var<storage, read> c_norm: array<f32>;         // (K)
 @group(0) @binding(5) var<storage, read> c_dg: array<f32>;           // (K)
 @group(0) @binding(6) var<storage, read_write> c_dv: array<f32>;     // (M, K)
+@group(0) @binding(1) var<storage, read> c_dw4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> c_v4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> c_g4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> c_norm4: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read> c_dg4: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> c_dv4: array<vec4<f32>>;
 
 // dv = (g / n) * (dw - dg * v / n)
 @compute @workgroup_size(256)
@@ -103,5 +125,16 @@ fn weight_norm_dv_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_wo
         let k = i % cp.k;
         let n = c_norm[k];
         c_dv[i] = (c_g[k] / n) * (c_dw[i] - c_dg[k] * c_v[i] / n);
+    }
+}
+
+@compute @workgroup_size(256)
+fn weight_norm_dv_backward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                            @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li; // elements 4 i .. 4 i + 3
+    if (i < cp.m * cp.k / 4u) {
+        let k = i % (cp.k / 4u);
+        let n = c_norm4[k];
+        c_dv4[i] = (c_g4[k] / n) * (c_dw4[i] - c_dg4[k] * c_v4[i] / n);
     }
 }

@@ -36,10 +36,21 @@ pub fn weight_norm(g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         k as u32,
     )?;
     let w = Tensor::empty(gpu, v.shape(), DType::F32)?;
-    let groups = (m * k).div_ceil(WG) as u32;
+    let (entry, per_invocation) = elementwise_entry(k, ("weight_norm_apply_forward4", "weight_norm_apply_forward"));
+    let groups = (m * k / per_invocation).div_ceil(WG) as u32;
     let bufs = [g.buffer(), v.buffer(), norms.buffer(), w.buffer()];
-    gpu.dispatch(&SHADER, "weight_norm_apply_forward", &bufs, &params, groups)?;
+    gpu.dispatch(&SHADER, entry, &bufs, &params, groups)?;
     Ok((w, norms))
+}
+
+/// An element-wise pass's entry for K taps and its elements per invocation: the vec4 one (four consecutive
+/// taps) where `k % 4 == 0`, else the scalar one.
+fn elementwise_entry(k: usize, (vec4_entry, scalar_entry): (&'static str, &'static str)) -> (&'static str, usize) {
+    if k % 4 == 0 {
+        (vec4_entry, 4)
+    } else {
+        (scalar_entry, 1)
+    }
 }
 
 /// (dg [K] shaped like g, dv [O, I, K]) from dw.
@@ -62,13 +73,9 @@ pub fn weight_norm_backward(dw: &Tensor, g: &Tensor, v: &Tensor, norms: &Tensor)
         dg.buffer(),
         dv.buffer(),
     ];
-    gpu.dispatch(
-        &SHADER,
-        "weight_norm_dv_backward",
-        &bufs,
-        &params,
-        (m * k).div_ceil(WG) as u32,
-    )?;
+    let (entry, per_invocation) = elementwise_entry(k, ("weight_norm_dv_backward4", "weight_norm_dv_backward"));
+    let groups = (m * k / per_invocation).div_ceil(WG) as u32;
+    gpu.dispatch(&SHADER, entry, &bufs, &params, groups)?;
     Ok((dg, dv))
 }
 
@@ -117,20 +124,22 @@ mod tests {
     #[test]
     fn weight_norm_matches_reference() {
         let gpu = test_gpu();
-        let (o, i, k) = (12, 5, 7);
-        let g = random_vec(1, k, 2.0);
-        let v = random_vec(2, o * i * k, 1.0);
-        let (w, _) = weight_norm(
-            &Tensor::from_slice(gpu, &g, &[1, 1, k]).unwrap(),
-            &Tensor::from_slice(gpu, &v, &[o, i, k]).unwrap(),
-        )
-        .unwrap();
-        assert_close(
-            "weight_norm",
-            &w.to_vec().unwrap(),
-            &reference::weight_norm(&f64s(&g), &f64s(&v)),
-            Tol::KERNEL,
-        );
+        // K = 7: the scalar kernel; K = 12: the vec4 one.
+        for (o, i, k) in [(12, 5, 7), (13, 5, 12)] {
+            let g = random_vec(1, k, 2.0);
+            let v = random_vec(2, o * i * k, 1.0);
+            let (w, _) = weight_norm(
+                &Tensor::from_slice(gpu, &g, &[1, 1, k]).unwrap(),
+                &Tensor::from_slice(gpu, &v, &[o, i, k]).unwrap(),
+            )
+            .unwrap();
+            assert_close(
+                &format!("weight_norm K = {k}"),
+                &w.to_vec().unwrap(),
+                &reference::weight_norm(&f64s(&g), &f64s(&v)),
+                Tol::KERNEL,
+            );
+        }
     }
 
     #[test]
@@ -181,8 +190,14 @@ mod tests {
 
     #[test]
     fn weight_norm_grad_matches_reference() {
+        // K = 9: the scalar dv kernel; K = 8: the vec4 one.
+        for (o, i, k) in [(24, 11, 9), (23, 7, 8)] {
+            check_weight_norm_grad(o, i, k);
+        }
+    }
+
+    fn check_weight_norm_grad(o: usize, i: usize, k: usize) {
         let gpu = test_gpu();
-        let (o, i, k) = (24, 11, 9);
         let g = random_vec(6, k, 2.0);
         let v = random_vec(7, o * i * k, 1.0);
         let dw = random_vec(8, o * i * k, 1.0);
@@ -194,7 +209,17 @@ mod tests {
         let (dg, dv) =
             weight_norm_backward(&Tensor::from_slice(gpu, &dw, &[o, i, k]).unwrap(), &gt, &vt, &norms).unwrap();
         let (rdg, rdv) = reference::weight_norm_backward(&f64s(&dw), &f64s(&g), &f64s(&v));
-        assert_close("weight_norm dg", &dg.to_vec().unwrap(), &rdg, Tol::KERNEL);
-        assert_close("weight_norm dv", &dv.to_vec().unwrap(), &rdv, Tol::KERNEL);
+        assert_close(
+            &format!("weight_norm dg K = {k}"),
+            &dg.to_vec().unwrap(),
+            &rdg,
+            Tol::KERNEL,
+        );
+        assert_close(
+            &format!("weight_norm dv K = {k}"),
+            &dv.to_vec().unwrap(),
+            &rdv,
+            Tol::KERNEL,
+        );
     }
 }
