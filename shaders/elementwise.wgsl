@@ -11,7 +11,7 @@ struct FillParams {
 
 struct BinaryParams {
     n: u32,
-    start: u32, // the scalar GELU entries: the first element (the vec4 entries did those before it)
+    start: u32, // the scalar add and GELU entries: the first element (the vec4 entries did those before it)
 }
 
 @group(0) @binding(0) var<uniform> fill_p: FillParams;
@@ -30,12 +30,25 @@ fn fill(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 @group(0) @binding(1) var<storage, read> add_a: array<f32>;       // (N)
 @group(0) @binding(2) var<storage, read> add_b: array<f32>;       // (N)
 @group(0) @binding(3) var<storage, read_write> add_y: array<f32>; // (N)
+@group(0) @binding(1) var<storage, read> add_a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> add_b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> add_y4: array<vec4<f32>>;
 
-// Residual add: y = a + b.
+// Residual add: y = a + b; the first N / 4 * 4 elements as vec4 (lavapipe pays per load instruction), the
+// rest from `start` through the scalar entry.
+@compute @workgroup_size(256)
+fn add_forward4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    if (i < add_p.n / 4u) {
+        add_y4[i] = add_a4[i] + add_b4[i];
+    }
+}
+
 @compute @workgroup_size(256)
 fn add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) li: u32) {
-    let i = (wg.x + wg.y * nwg.x) * WG + li;
+    let i = add_p.start + (wg.x + wg.y * nwg.x) * WG + li;
     if (i < add_p.n) {
         add_y[i] = add_a[i] + add_b[i];
     }

@@ -27,15 +27,9 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.shape() != b.shape() {
         bail!("add: shapes {:?} and {:?} differ", a.shape(), b.shape());
     }
+    check_f32("add", "a", a)?;
     let y = Tensor::empty(a.gpu(), a.shape(), DType::F32)?;
-    let n = a.numel();
-    a.gpu().dispatch(
-        &SHADER,
-        "add_forward",
-        &[a.buffer(), b.buffer(), y.buffer()],
-        &[n as u32, 0],
-        groups(n),
-    )?;
+    dispatch_vec4_and_tail(("add_forward4", "add_forward"), &[a, b, &y])?;
     Ok(y)
 }
 
@@ -173,14 +167,20 @@ mod tests {
     #[test]
     fn add_matches_reference() {
         let gpu = test_gpu();
-        let (a, b) = (random_vec(1, 70_001, 1.0), random_vec(2, 70_001, 1.0));
-        let y = add(
-            &Tensor::from_slice(gpu, &a, &[70_001]).unwrap(),
-            &Tensor::from_slice(gpu, &b, &[70_001]).unwrap(),
-        )
-        .unwrap();
-        let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| *x as f64 + *y as f64).collect();
-        assert_close("add", &y.to_vec().unwrap(), &want, Tol::KERNEL);
+        // vec4 and a tail of 1, a tail alone, whole vec4 alone. WGSL rounds f32 addition correctly, so the
+        // sums must equal the CPU's f32 sums bit for bit.
+        for n in [70_001, 3, 8] {
+            let (a, b) = (random_vec(1, n, 1.0), random_vec(2, n, 1.0));
+            let y = add(
+                &Tensor::from_slice(gpu, &a, &[n]).unwrap(),
+                &Tensor::from_slice(gpu, &b, &[n]).unwrap(),
+            )
+            .unwrap()
+            .to_vec()
+            .unwrap();
+            let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            assert!(y == want, "add of {n} elements differs from the f32 sums");
+        }
     }
 
     #[test]
