@@ -452,6 +452,8 @@ struct DbParams {
 @group(0) @binding(0) var<uniform> dbp: DbParams;
 @group(0) @binding(1) var<storage, read> db_dy: array<f32>;          // (B * T_out, C_out)
 @group(0) @binding(2) var<storage, read_write> db_part: array<f32>;  // (n_split, C_out)
+@group(0) @binding(1) var<storage, read> db_dy4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> db_part4: array<vec4<f32>>;
 
 @compute @workgroup_size(64)
 fn conv1d_backward_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -471,6 +473,26 @@ fn conv1d_backward_bias(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workg
     db_part[i] = s;
 }
 
+// Four output channels per invocation where C_out % 4 == 0: the same sums, one vec4 load per row.
+@compute @workgroup_size(64)
+fn conv1d_backward_bias4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                         @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 64u + li;
+    let c4 = dbp.c_out / 4u;
+    if (i >= dbp.n_split * c4) {
+        return;
+    }
+    let co = i % c4;
+    let split = i / c4;
+    let r0 = split * dbp.rows_per_split;
+    let r1 = min(dbp.rows, r0 + dbp.rows_per_split);
+    var s = vec4<f32>(0.0);
+    for (var row = r0; row < r1; row++) {
+        s += db_dy4[row * c4 + co];
+    }
+    db_part4[i] = s;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Second stage of the dw / db reductions: out[i] = sum over splits, in split order, of part[split, i].
 
@@ -482,6 +504,8 @@ struct SumParams {
 @group(0) @binding(0) var<uniform> sum_p: SumParams;
 @group(0) @binding(1) var<storage, read> sum_part: array<f32>;          // (n_split, n)
 @group(0) @binding(2) var<storage, read_write> sum_out: array<f32>;     // (n)
+@group(0) @binding(1) var<storage, read> sum_part4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> sum_out4: array<vec4<f32>>;
 
 @compute @workgroup_size(256)
 fn conv1d_backward_sum_splits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -495,6 +519,22 @@ fn conv1d_backward_sum_splits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num
         s += sum_part[k * sum_p.n + i];
     }
     sum_out[i] = s;
+}
+
+// Four values per invocation where n % 4 == 0: the same sums in the same order, vec4 loads.
+@compute @workgroup_size(256)
+fn conv1d_backward_sum_splits4(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) li: u32) {
+    let i = (wg.x + wg.y * nwg.x) * 256u + li;
+    let n4 = sum_p.n / 4u;
+    if (i >= n4) {
+        return;
+    }
+    var s = vec4<f32>(0.0);
+    for (var k = 0u; k < sum_p.n_split; k++) {
+        s += sum_part4[k * n4 + i];
+    }
+    sum_out4[i] = s;
 }
 
 // ---------------------------------------------------------------------------------------------------------

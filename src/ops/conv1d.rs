@@ -643,12 +643,14 @@ fn conv1d_backward_db(gpu: &crate::gpu::Gpu, dy: &Tensor, db: &Tensor, c_out: us
     } else {
         db.clone()
     };
+    let entries = ("conv1d_backward_bias4", "conv1d_backward_bias");
+    let (entry, per_invocation) = super::vec4_or_scalar(c_out, entries);
     gpu.dispatch(
         &SHADER,
-        "conv1d_backward_bias",
+        entry,
         &[dy.buffer(), db_part.buffer()],
         &[c_out, rows, DB_ROWS, db_split].map(|v| v as u32),
-        (db_split * c_out).div_ceil(64) as u32,
+        (db_split * c_out / per_invocation).div_ceil(64) as u32,
     )?;
     if db_split > 1 {
         sum_splits(gpu, &db_part, db, c_out, db_split)?;
@@ -658,12 +660,14 @@ fn conv1d_backward_db(gpu: &crate::gpu::Gpu, dy: &Tensor, db: &Tensor, c_out: us
 
 /// `out[i] = part[0, i] + part[1, i] + ...` over `n_split` row splits of `n` values each, in split order.
 fn sum_splits(gpu: &crate::gpu::Gpu, part: &Tensor, out: &Tensor, n: usize, n_split: usize) -> Result<()> {
+    let entries = ("conv1d_backward_sum_splits4", "conv1d_backward_sum_splits");
+    let (entry, per_invocation) = super::vec4_or_scalar(n, entries);
     gpu.dispatch(
         &SHADER,
-        "conv1d_backward_sum_splits",
+        entry,
         &[part.buffer(), out.buffer()],
         &[n as u32, n_split as u32],
-        n.div_ceil(256) as u32,
+        (n / per_invocation).div_ceil(256) as u32,
     )
 }
 

@@ -17,3 +17,18 @@ pub mod softmax;
 #[cfg(test)]
 pub mod testing;
 pub mod weight_norm;
+
+/// Picks between an element-wise kernel's two entry points: the vec4 one (four consecutive elements per
+/// invocation, one load per operand instead of four: lavapipe pays per load instruction) where `n`, the
+/// length the four must divide (channels, taps, values), is a multiple of 4, else the scalar one. Returns the
+/// entry and the elements per invocation, for sizing the grid.
+pub(crate) fn vec4_or_scalar(
+    n: usize,
+    (vec4_entry, scalar_entry): (&'static str, &'static str),
+) -> (&'static str, usize) {
+    if n % 4 == 0 {
+        (vec4_entry, 4)
+    } else {
+        (scalar_entry, 1)
+    }
+}

@@ -199,7 +199,8 @@ pub fn normalize_channels(x: &Tensor, mean_rstd: &Tensor, gamma: &Tensor, beta: 
     );
     let y = Tensor::empty(x.gpu(), x.shape(), DType::F32)?;
     let n = x.numel();
-    let (entry, per_invocation) = per_channel_entry(c, ("normalize_channels_forward4", "normalize_channels_forward"));
+    let (entry, per_invocation) =
+        super::vec4_or_scalar(c, ("normalize_channels_forward4", "normalize_channels_forward"));
     x.gpu().dispatch(
         &SHADER,
         entry,
@@ -214,16 +215,6 @@ pub fn normalize_channels(x: &Tensor, mean_rstd: &Tensor, gamma: &Tensor, beta: 
         (n / per_invocation).div_ceil(WG_ELEM) as u32,
     )?;
     Ok(y)
-}
-
-/// The per-element channel kernels' entry for `c` channels and its elements per invocation: the vec4 one
-/// (four channels per invocation) where `c % 4 == 0`, else the scalar one.
-fn per_channel_entry(c: usize, (vec4_entry, scalar_entry): (&'static str, &'static str)) -> (&'static str, usize) {
-    if c % 4 == 0 {
-        (vec4_entry, 4)
-    } else {
-        (scalar_entry, 1)
-    }
 }
 
 /// torch `GroupNorm(C, C)` on the `[B, C, T]` view of `x` `[B, T, C]`: each (b, c) normalised over all T.
@@ -425,7 +416,7 @@ pub fn group_norm_time_backward(
     sum_chunks(&part, &sums, b, n_chunks, 2 * c)?;
     let n = x.numel();
     let entries = ("group_norm_time_backward_input4", "group_norm_time_backward_input");
-    let (entry, per_invocation) = per_channel_entry(c, entries);
+    let (entry, per_invocation) = super::vec4_or_scalar(c, entries);
     gpu.dispatch(
         &SHADER,
         entry,

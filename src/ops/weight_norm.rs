@@ -36,21 +36,11 @@ pub fn weight_norm(g: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         k as u32,
     )?;
     let w = Tensor::empty(gpu, v.shape(), DType::F32)?;
-    let (entry, per_invocation) = elementwise_entry(k, ("weight_norm_apply_forward4", "weight_norm_apply_forward"));
+    let (entry, per_invocation) = super::vec4_or_scalar(k, ("weight_norm_apply_forward4", "weight_norm_apply_forward"));
     let groups = (m * k / per_invocation).div_ceil(WG) as u32;
     let bufs = [g.buffer(), v.buffer(), norms.buffer(), w.buffer()];
     gpu.dispatch(&SHADER, entry, &bufs, &params, groups)?;
     Ok((w, norms))
-}
-
-/// An element-wise pass's entry for K taps and its elements per invocation: the vec4 one (four consecutive
-/// taps) where `k % 4 == 0`, else the scalar one.
-fn elementwise_entry(k: usize, (vec4_entry, scalar_entry): (&'static str, &'static str)) -> (&'static str, usize) {
-    if k % 4 == 0 {
-        (vec4_entry, 4)
-    } else {
-        (scalar_entry, 1)
-    }
 }
 
 /// (dg [K] shaped like g, dv [O, I, K]) from dw.
@@ -73,7 +63,7 @@ pub fn weight_norm_backward(dw: &Tensor, g: &Tensor, v: &Tensor, norms: &Tensor)
         dg.buffer(),
         dv.buffer(),
     ];
-    let (entry, per_invocation) = elementwise_entry(k, ("weight_norm_dv_backward4", "weight_norm_dv_backward"));
+    let (entry, per_invocation) = super::vec4_or_scalar(k, ("weight_norm_dv_backward4", "weight_norm_dv_backward"));
     let groups = (m * k / per_invocation).div_ceil(WG) as u32;
     gpu.dispatch(&SHADER, entry, &bufs, &params, groups)?;
     Ok((dg, dv))
