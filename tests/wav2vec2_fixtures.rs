@@ -146,6 +146,39 @@ fn a_frozen_model_is_bit_identical_and_packs_nothing_per_forward() {
     }
 }
 
+/// q, k and v packed into one projection (what `freeze` does where the attention runs unfused: GPUs without
+/// subgroups of 8), forced here on any adapter: the hidden states match transformers' as the plain model's do,
+/// the attention then runs unfused on the packed output, and training through a packed layer is refused.
+#[test]
+fn packed_qkv_matches_transformers() {
+    for name in ["base_group", "stable_layer"] {
+        let dir = fixture(name);
+        let expected = read_safetensors(&dir.join("expected.safetensors"));
+        let (_, input) = &expected["input_values"];
+        let mut model = Wav2Vec2::load(gpu(), &dir).unwrap();
+        model.pack_qkv().unwrap();
+        model.pack_qkv().unwrap(); // a second call changes nothing
+        let out = model.forward(input).unwrap();
+        for (i, h) in out.hidden_states.iter().enumerate() {
+            let key = format!("hidden_states.{i}");
+            let (_, want) = &expected[&key];
+            assert_rel_close(
+                &format!("{name}/{key} (packed q, k, v)"),
+                &h.to_vec().unwrap(),
+                want,
+                MODEL_TOL,
+            );
+        }
+        let tape = wgpu_mlkd::tape::Tape::new();
+        let wave = tape.constant(wgpu_mlkd::gpu::Tensor::from_slice(gpu(), input, &[1, input.len(), 1]).unwrap());
+        let opts = wgpu_mlkd::model::wav2vec2::TrainOptions::default();
+        let Err(e) = model.forward_tape(&tape, &wave, opts) else {
+            panic!("{name}: a packed model ran on a recording tape");
+        };
+        assert!(format!("{e:#}").contains("packed for inference"), "{e:#}");
+    }
+}
+
 /// f16 linear weights (`freeze_with(true)`, `--f16`) against transformers' f32 hidden states. The weights' rounding
 /// (at most 2^-11 of each) is the only new error; in these random 2-4 layer models it reaches 1.8e-4 to 2.7e-4
 /// of the largest activation (every layer), so the bound is 1e-3 (ten times the f32 bound). The frozen model
@@ -186,7 +219,7 @@ fn f16_weights_stay_within_their_bound_of_transformers() {
         // Training through an f16 layer is refused, not silently wrong.
         let tape = wgpu_mlkd::tape::Tape::new();
         let x = tape.constant(wgpu_mlkd::gpu::Tensor::zeros(&g, &[1, 2, model.config.hidden_size]).unwrap());
-        let Err(e) = model.layers[0].q_proj.forward(&tape, &x) else {
+        let Err(e) = model.layers[0].out_proj.forward(&tape, &x) else {
             panic!("{name}: an f16 layer ran on a recording tape");
         };
         assert!(format!("{e:#}").contains("without gradients"), "{e:#}");

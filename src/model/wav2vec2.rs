@@ -15,6 +15,7 @@ use anyhow::{bail, ensure, Context as _, Result};
 use super::config::{FeatExtractNorm, Wav2Vec2Config};
 use super::weights::Checkpoint;
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::attention;
 use crate::ops::conv1d::{self, Conv1dWeight};
 use crate::ops::matmul::{linear_half, Activation, HalfWeight};
 use crate::ops::norm::{self, ChannelStats};
@@ -162,6 +163,9 @@ pub struct EncoderLayer {
     pub heads: usize,
     pub eps: f32,
     pub stable: bool,
+    /// q, k and v as one `[3 D, D]` projection, for inference where the attention runs unfused
+    /// ([`EncoderLayer::pack_qkv`]); the three projections' own weights are then freed.
+    qkv_packed: Option<Linear>,
 }
 
 impl EncoderLayer {
@@ -179,7 +183,57 @@ impl EncoderLayer {
             heads: cfg.num_attention_heads,
             eps: cfg.layer_norm_eps as f32,
             stable: cfg.do_stable_layer_norm,
+            qkv_packed: None,
         })
+    }
+
+    /// Packs the q, k and v projections into one `[3 D, D]` linear layer (weights stacked, biases
+    /// concatenated), so that inference runs one product of 3 D columns instead of three of D and the unfused
+    /// attention reads its output in place ([`attention::self_attention_packed`]); bit-identical results
+    /// (each output column is the same sum). The three f32 weights are freed (one-element placeholders keep
+    /// their names): the layer then runs forward without gradients only. A no-op for layers already in f16 or
+    /// without the three biases.
+    pub fn pack_qkv(&mut self) -> Result<()> {
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        if self.qkv_packed.is_some() || parts.iter().any(|l| l.half.is_some() || l.bias.is_none()) {
+            return Ok(());
+        }
+        let w = self.q_proj.weight.value().clone();
+        let (gpu, &[d, d_in]) = (w.gpu(), w.shape()) else {
+            bail!(
+                "{}: expected a [out, in] weight, got {:?}",
+                self.q_proj.weight.name,
+                w.shape()
+            );
+        };
+        for l in parts {
+            ensure!(
+                l.weight.value().shape() == [d, d_in],
+                "{}: {:?} differs from q_proj's [{d}, {d_in}]; cannot pack q, k, v",
+                l.weight.name,
+                l.weight.value().shape()
+            );
+        }
+        let weight = Tensor::empty(gpu, &[3 * d, d_in], DType::F32)?;
+        let bias = Tensor::empty(gpu, &[3 * d], DType::F32)?;
+        for (i, l) in parts.iter().enumerate() {
+            weight.copy_from(i * d * d_in, l.weight.value(), 0, d * d_in)?;
+            let b = l.bias.as_ref().expect("checked above");
+            bias.copy_from(i * d, b.value(), 0, d)?;
+        }
+        let name = self.q_proj.weight.name.replace("q_proj.weight", "qkv_proj");
+        self.qkv_packed = Some(Linear {
+            weight: Param::new(format!("{name}.weight"), weight),
+            bias: Some(Param::new(format!("{name}.bias"), bias)),
+            half: None,
+        });
+        for l in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj] {
+            l.weight = Param::new(l.weight.name.clone(), Tensor::zeros(gpu, &[1])?);
+            if let Some(b) = &mut l.bias {
+                *b = Param::new(b.name.clone(), Tensor::zeros(gpu, &[1])?);
+            }
+        }
+        Ok(())
     }
 
     pub fn parameters(&self) -> Vec<Arc<Param>> {
@@ -194,6 +248,16 @@ impl EncoderLayer {
     }
 
     fn attention(&self, tape: &Tape, x: &Var, key_mask: Option<&Tensor>, dropout: f32) -> Result<Var> {
+        if let Some(qkv) = &self.qkv_packed {
+            ensure!(
+                !tape.is_recording(),
+                "{}: q, k and v were packed for inference (a frozen model); it runs forward without gradients only",
+                qkv.weight.name
+            );
+            let qkv = qkv.forward(tape, x)?;
+            let a = tape.constant(attention::self_attention_packed(qkv.value(), self.heads, key_mask)?);
+            return self.out_proj.forward(tape, &a); // dropout is a no-op without gradients
+        }
         let q = self.q_proj.forward(tape, x)?;
         let k = self.k_proj.forward(tape, x)?;
         let v = self.v_proj.forward(tape, x)?;
@@ -391,6 +455,12 @@ impl Wav2Vec2 {
     /// the current weights every time, but a frozen model's inference would not see a later change to its
     /// weights: do not train one.
     pub fn freeze(&mut self) -> Result<()> {
+        // Where the inference attention runs unfused (GPUs without subgroups of 8), q, k and v become one
+        // product (3 dispatches -> 1, or 6 -> 2 with split-K) read in place by the attention's matmuls.
+        let d = self.config.hidden_size;
+        if !attention::inference_is_fused(&self.gpu, d, self.config.num_attention_heads) {
+            self.pack_qkv()?;
+        }
         for layer in &mut self.conv_layers {
             layer.frozen = Some(Conv1dWeight::pack(layer.weight.value(), 1)?);
         }
@@ -415,18 +485,24 @@ impl Wav2Vec2 {
         }
         self.projection.to_half()?;
         for l in &mut self.layers {
-            for lin in [
-                &mut l.q_proj,
-                &mut l.k_proj,
-                &mut l.v_proj,
-                &mut l.out_proj,
-                &mut l.intermediate_dense,
-                &mut l.output_dense,
-            ] {
+            if let Some(qkv) = &mut l.qkv_packed {
+                qkv.to_half()?;
+            } else {
+                for lin in [&mut l.q_proj, &mut l.k_proj, &mut l.v_proj] {
+                    lin.to_half()?;
+                }
+            }
+            for lin in [&mut l.out_proj, &mut l.intermediate_dense, &mut l.output_dense] {
                 lin.to_half()?;
             }
         }
         Ok(())
+    }
+
+    /// [`EncoderLayer::pack_qkv`] for every layer (which [`Wav2Vec2::freeze`] does where the attention runs
+    /// unfused; tests call it to check the packed path on any adapter). Inference only afterwards.
+    pub fn pack_qkv(&mut self) -> Result<()> {
+        self.layers.iter_mut().try_for_each(EncoderLayer::pack_qkv)
     }
 
     /// Every parameter, named as in the checkpoint, in a fixed order.

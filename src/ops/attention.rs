@@ -30,7 +30,7 @@
 //! `P'`, beside the saved P), and dropout never stores a mask: it is
 //! regenerated from its seed at the logical index `((b * heads + h) * T + i) * T + j` of each probability.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 use super::dropout::{dropout_inplace_at, dropout_into_at, DropoutMask};
 use super::matmul::{matmul_accumulate_into, matmul_into, MatDims, View};
@@ -104,6 +104,12 @@ fn fused_attention_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("WGPU_MLKD_NO_FUSED_ATTENTION").is_none())
 }
 
+/// Whether [`self_attention_inference`] runs a fused kernel for `heads` heads over `d` on this adapter (else the
+/// unfused path, whose matmul views can also read q, k, v packed in one tensor: [`self_attention_packed`]).
+pub fn inference_is_fused(gpu: &Gpu, d: usize, heads: usize) -> bool {
+    fused_attention_enabled() && fused_attention_supported(gpu, d, heads)
+}
+
 /// Self-attention for inference (no gradient): [`self_attention_fused`] where it is supported and
 /// enabled, else [`self_attention`]. Same result to rounding (see [`self_attention_fused`]); not
 /// bit-identical to the training forward, so training never uses it.
@@ -115,7 +121,7 @@ pub fn self_attention_inference(
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let d = q.shape().last().copied().unwrap_or(0);
-    if fused_attention_enabled() && fused_attention_supported(q.gpu(), d, heads) {
+    if inference_is_fused(q.gpu(), d, heads) {
         self_attention_fused(q, k, v, heads, key_mask)
     } else {
         self_attention(q, k, v, heads, key_mask)
@@ -258,6 +264,18 @@ fn check_inputs(
             bail!("{what}: {name} must be f32, got {:?}", x.dtype());
         }
     }
+    check_heads_and_mask(what, b, t, d, heads, key_mask)?;
+    Ok((b, t, d))
+}
+
+fn check_heads_and_mask(
+    what: &str,
+    b: usize,
+    t: usize,
+    d: usize,
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<()> {
     if heads == 0 || d % heads != 0 {
         bail!("{what}: {heads} heads do not divide the model dimension D = {d}");
     }
@@ -270,7 +288,42 @@ fn check_inputs(
             );
         }
     }
-    Ok((b, t, d))
+    Ok(())
+}
+
+/// q, k and v as the forward reads them: three `[B, T, D]` tensors, or one packed `[B, T, 3D]` tensor (a fused
+/// QKV projection's output; q, k, v are its column blocks), through views, with nothing copied.
+#[derive(Clone, Copy)]
+struct Inputs<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    /// Elements between consecutive rows (frames) of each.
+    row_stride: usize,
+    /// The first column of q, k and v in their rows.
+    cols: [usize; 3],
+}
+
+impl<'a> Inputs<'a> {
+    fn separate(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor, d: usize) -> Inputs<'a> {
+        Inputs {
+            q,
+            k,
+            v,
+            row_stride: d,
+            cols: [0; 3],
+        }
+    }
+
+    fn packed(qkv: &'a Tensor, d: usize) -> Inputs<'a> {
+        Inputs {
+            q: qkv,
+            k: qkv,
+            v: qkv,
+            row_stride: 3 * d,
+            cols: [0, d, 2 * d],
+        }
+    }
 }
 
 /// Views of one group of heads `h0..` and query rows `t0..` of batch item `bi` (`[B, T, D]` tensors seen as
@@ -280,7 +333,7 @@ struct Group {
     t: usize,
     d: usize,
     dh: usize,
-    item: usize, // first element of the batch item in q, k, v and the outputs
+    bi: usize, // the batch item
     h0: usize,
     t0: usize,
     hn: usize,
@@ -288,22 +341,32 @@ struct Group {
 }
 
 impl Group {
-    /// The group's query rows of Q (or of dQ, the output, dO): `[hn, tn, dh]`.
+    /// The group's query rows of a `[B, T, D]` Q (or of dQ, the output, dO): `[hn, tn, dh]`.
     fn rows(&self) -> View {
+        self.rows_in(self.d, 0)
+    }
+
+    /// All T rows of a `[B, T, D]` K or V (or dK, dV) for the group's heads: `[hn, T, dh]`.
+    fn keys(&self) -> View {
+        self.keys_in(self.d, 0)
+    }
+
+    /// [`Group::rows`] of a tensor whose rows are `stride` apart, its heads starting at column `col`.
+    fn rows_in(&self, stride: usize, col: usize) -> View {
         View {
-            offset: self.item + self.t0 * self.d + self.h0 * self.dh,
+            offset: (self.bi * self.t + self.t0) * stride + col + self.h0 * self.dh,
             batch_stride: self.dh,
-            row_stride: self.d,
+            row_stride: stride,
             col_stride: 1,
         }
     }
 
-    /// All T rows of K or V (or dK, dV) for the group's heads: `[hn, T, dh]`.
-    fn keys(&self) -> View {
+    /// [`Group::keys`] of a tensor whose rows are `stride` apart, its heads starting at column `col`.
+    fn keys_in(&self, stride: usize, col: usize) -> View {
         View {
-            offset: self.item + self.h0 * self.dh,
+            offset: self.bi * self.t * stride + col + self.h0 * self.dh,
             batch_stride: self.dh,
-            row_stride: self.d,
+            row_stride: stride,
             col_stride: 1,
         }
     }
@@ -325,8 +388,7 @@ impl Group {
     /// S = scaling * Q K^T into `scores` at `offset`, then the masked softmax there.
     fn probabilities(
         &self,
-        q: &Tensor,
-        k: &Tensor,
+        inputs: &Inputs,
         scores: &Tensor,
         offset: usize,
         scaling: f32,
@@ -339,13 +401,16 @@ impl Group {
             n: self.t,
             k: self.dh,
         };
+        let Inputs {
+            q, k, row_stride, cols, ..
+        } = *inputs;
         matmul_into(
             scores,
             self.scores(offset),
             q,
-            self.rows(),
+            self.rows_in(row_stride, cols[0]),
             k,
-            self.keys().t(),
+            self.keys_in(row_stride, cols[1]).t(),
             dims,
             None,
             scaling,
@@ -364,7 +429,32 @@ pub fn self_attention_chunked(
     key_mask: Option<&Tensor>,
     max_score_bytes: u64,
 ) -> Result<Tensor> {
-    let (out, _) = forward("attention", q, k, v, heads, key_mask, None, false, max_score_bytes)?;
+    let what = "attention";
+    let dims = check_inputs(what, q, k, v, heads, key_mask)?;
+    let inputs = Inputs::separate(q, k, v, dims.2);
+    let (out, _) = forward(inputs, dims, heads, key_mask, None, false, max_score_bytes)?;
+    Ok(out)
+}
+
+/// [`self_attention`] of a fused QKV projection's output `qkv` `[B, T, 3 D]`, whose column blocks `0..D`,
+/// `D..2 D` and `2 D..3 D` are q, k and v: read in place through strided views, bit-identical to
+/// [`self_attention`] of the three blocks (the same products in the same order). The unfused path only; the
+/// fused kernels read `[B, T, D]` tensors.
+pub fn self_attention_packed(qkv: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
+    let what = "attention (packed q, k, v)";
+    let [b, t, d3] = *qkv.shape() else {
+        bail!("{what}: qkv must be [B, T, 3 D], got {:?}", qkv.shape());
+    };
+    ensure!(
+        d3 % 3 == 0 && qkv.dtype() == DType::F32,
+        "{what}: qkv must be f32 [B, T, 3 D], got {:?} {:?}",
+        qkv.dtype(),
+        qkv.shape()
+    );
+    let d = d3 / 3;
+    check_heads_and_mask(what, b, t, d, heads, key_mask)?;
+    let budget = qkv.gpu().max_binding_bytes();
+    let (out, _) = forward(Inputs::packed(qkv, d), (b, t, d), heads, key_mask, None, false, budget)?;
     Ok(out)
 }
 
@@ -434,26 +524,26 @@ pub fn self_attention_train_with(
     if let Some(m) = &dropout {
         DropoutMask::new(m.p, m.seed, m.stream)?;
     }
-    let (out, probs) = forward(what, q, k, v, heads, key_mask, dropout.as_ref(), save, max_score_bytes)?;
+    let inputs = Inputs::separate(q, k, v, q.shape()[2]);
+    let dims = (b, t, q.shape()[2]);
+    let (out, probs) = forward(inputs, dims, heads, key_mask, dropout.as_ref(), save, max_score_bytes)?;
     Ok((out, AttentionSaved { probs, dropout }))
 }
 
-/// The forward behind every entry point. With `save`, each batch item's probabilities are computed into a
+/// The forward behind every unfused entry point, over inputs the caller checked (`[B, T, D]` each as
+/// `(b, t, d)`). With `save`, each batch item's probabilities are computed into a
 /// tensor of their own (returned) instead of the shared score buffer.
 #[allow(clippy::too_many_arguments)]
 fn forward(
-    what: &str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    inputs: Inputs,
+    (b, t, d): (usize, usize, usize),
     heads: usize,
     key_mask: Option<&Tensor>,
     dropout: Option<&DropoutMask>,
     save: bool,
     max_score_bytes: u64,
 ) -> Result<(Tensor, Vec<Tensor>)> {
-    let (b, t, d) = check_inputs(what, q, k, v, heads, key_mask)?;
-    let gpu = q.gpu();
+    let gpu = inputs.q.gpu();
     let out = Tensor::empty(gpu, &[b, t, d], DType::F32)?;
     if b == 0 || t == 0 || d == 0 {
         return Ok((out, Vec::new()));
@@ -488,7 +578,7 @@ fn forward(
                     t,
                     d,
                     dh,
-                    item: bi * t * d,
+                    bi,
                     h0,
                     t0,
                     hn,
@@ -504,7 +594,7 @@ fn forward(
                     Some(p) => (p, h0 * t * t),
                     None => (scratch.as_ref().expect("a score buffer when not saving"), 0),
                 };
-                g.probabilities(q, k, p_buf, p_off, scaling, mask)?;
+                g.probabilities(&inputs, p_buf, p_off, scaling, mask)?;
                 // Logical index of the group's first probability in [B, heads, T, T] (contiguous: a group
                 // is either whole heads or row chunks of a single head).
                 let index = ((bi * heads + h0) * t + t0) as u64 * t as u64;
@@ -527,7 +617,18 @@ fn forward(
                     n: dh,
                     k: t,
                 };
-                matmul_into(&out, g.rows(), pv_buf, g.scores(pv_off), v, g.keys(), dims, None, 1.0)?;
+                let v_view = g.keys_in(inputs.row_stride, inputs.cols[2]);
+                matmul_into(
+                    &out,
+                    g.rows(),
+                    pv_buf,
+                    g.scores(pv_off),
+                    inputs.v,
+                    v_view,
+                    dims,
+                    None,
+                    1.0,
+                )?;
             }
         }
         saved.extend(item_probs);
@@ -615,7 +716,7 @@ pub fn self_attention_backward_chunked(
                     t,
                     d,
                     dh,
-                    item: bi * t * d,
+                    bi,
                     h0,
                     t0,
                     hn,
@@ -628,7 +729,7 @@ pub fn self_attention_backward_chunked(
                             offset: bi * t,
                             rows_per_batch: hn * tn,
                         });
-                        g.probabilities(q, k, p, 0, scaling, mask)?;
+                        g.probabilities(&Inputs::separate(q, k, v, d), p, 0, scaling, mask)?;
                         (p, 0)
                     }
                     None => (&saved.probs[bi], h0 * t * t),
@@ -956,6 +1057,33 @@ mod tests {
                 assert!(got == full, "D={d}: budget {budget} bytes changed the result");
             }
         }
+    }
+
+    /// q, k, v packed as the column blocks of one `[B, T, 3 D]` tensor (a fused QKV projection) give the bits of
+    /// the three tensors apart, with a key mask, on head widths that take the vec4 (dh 8) and general (dh 5)
+    /// matmul paths; a packed tensor whose width is not 3 D is refused.
+    #[test]
+    fn packed_qkv_gives_the_bits_of_separate_tensors() {
+        let gpu = test_gpu();
+        for (d, heads) in [(40, 5), (15, 3)] {
+            let (b, t) = (2, 37);
+            let c = case(700 + d as u64, b, t, d);
+            let packed: Vec<f32> = (0..b * t)
+                .flat_map(|row| [&c.q, &c.k, &c.v].map(|x| &x[row * d..(row + 1) * d]).concat())
+                .collect();
+            let qkv = Tensor::from_slice(gpu, &packed, &[b, t, 3 * d]).unwrap();
+            let mut mask = vec![1u32; b * t];
+            mask[t + 30..].fill(0);
+            let m = Tensor::from_u32(gpu, &mask, &[b, t]).unwrap();
+            let apart = self_attention(&c.tq, &c.tk, &c.tv, heads, Some(&m)).unwrap();
+            let got = self_attention_packed(&qkv, heads, Some(&m)).unwrap();
+            assert_eq!(got.shape(), &[b, t, d]);
+            let bits = |x: &Tensor| x.to_vec().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&apart), "D = {d}: packed q, k, v changed the result");
+        }
+        let odd = Tensor::zeros(gpu, &[1, 4, 10]).unwrap();
+        let e = self_attention_packed(&odd, 2, None).unwrap_err();
+        assert!(format!("{e:#}").contains("[B, T, 3 D]"), "{e:#}");
     }
 
     #[test]
