@@ -457,8 +457,10 @@ impl Wav2Vec2 {
     pub fn freeze(&mut self) -> Result<()> {
         // Where the inference attention runs unfused (GPUs without subgroups of 8), q, k and v become one
         // product (3 dispatches -> 1, or 6 -> 2 with split-K) read in place by the attention's matmuls.
+        // `WGPU_MLKD_NO_QKV_PACKING` (any value) keeps them apart, for measuring what packing gives.
         let d = self.config.hidden_size;
-        if !attention::inference_is_fused(&self.gpu, d, self.config.num_attention_heads) {
+        let unfused = !attention::inference_is_fused(&self.gpu, d, self.config.num_attention_heads);
+        if unfused && std::env::var_os("WGPU_MLKD_NO_QKV_PACKING").is_none() {
             self.pack_qkv()?;
         }
         for layer in &mut self.conv_layers {
