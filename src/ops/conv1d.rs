@@ -204,9 +204,14 @@ pub fn conv1d_packed(
     // through it (1.6-1.8x the 4 x 4 kernel on an H100). Grouped or padded ones (the positional conv) keep the
     // 4 x 4 kernel there: one matmul per group of 48 channels, in turn, ran at 0.52-0.54x of it
     // (benches/RESULTS.md, H100); the route now runs the groups as one batched product, not yet measured on a
-    // GPU (the GPU kit's conv bench compares it).
+    // GPU (the GPU kit's conv bench compares it). On adapters with subgroups of 8 (lavapipe), a plain
+    // convolution whose input channels the subgroup conv kernel cannot load as vec4 (the first layer: one
+    // channel, the waveform) takes the subgroup matmul instead of the 4 x 4 conv kernel: 1.7-2.1x there, with
+    // the same bits (the same multiply-adds in the same order; tested).
     let plain = w.groups == 1 && padding == 0;
-    let kernel = if plain && matmul_fits(w) && crate::ops::matmul::tiled_wanted(x.gpu()) {
+    let gpu = x.gpu();
+    let narrow_on_subgroups = gpu.subgroups_of_8() && w.cg_in % 4 != 0;
+    let kernel = if plain && matmul_fits(w) && (crate::ops::matmul::tiled_wanted(gpu) || narrow_on_subgroups) {
         ConvKernel::Matmul
     } else {
         choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups)
@@ -1197,8 +1202,20 @@ mod tests {
                 gelu,
             );
             let name = format!("matmul route case {i}");
-            assert_close(&name, &run(ConvKernel::Matmul), &want, Tol::KERNEL);
-            assert_close(&name, &run(ConvKernel::Block4), &want, Tol::KERNEL);
+            let (via_matmul, block4) = (run(ConvKernel::Matmul), run(ConvKernel::Block4));
+            assert_close(&name, &via_matmul, &want, Tol::KERNEL);
+            assert_close(&name, &block4, &want, Tol::KERNEL);
+            if c_in == 1 && gpu.subgroups_of_8() {
+                // The first layer's shape, which subgroup adapters send through the matmul: the same bits
+                // there (the conv kernel's `a += x * w` compiles to the matmul's fused multiply-add on
+                // lavapipe; another compiler may round it apart, which the reference check above allows).
+                assert!(
+                    via_matmul == block4,
+                    "{name}: the matmul route changed the bits of a 1-channel conv"
+                );
+                let default = conv1d_packed(&x, &w, bias, s, p, gelu).unwrap().to_vec().unwrap();
+                assert!(default == block4, "{name}: the default route changed the bits");
+            }
         }
         // Shapes it cannot run are refused, not miscomputed.
         let x = Tensor::from_slice(gpu, &[0.0; 24], &[1, 6, 4]).unwrap();
@@ -1595,6 +1612,7 @@ mod timing {
         let gpu = test_gpu();
         // (name, T_in, C_in, C_out, K, stride, padding, groups)
         let cases = [
+            ("layer0 32000 -> 6399 k10 s5", 32000, 1, 512, 10, 5, 0, 1),
             (
                 "layer1 6399 -> 3199 k3",
                 6399usize,
@@ -1643,6 +1661,15 @@ mod timing {
                 }),
             ];
             for (part, flop, run) in parts {
+                // What each kernel can run: the subgroup forward and the matmul route's backward load the input
+                // channels as vec4 (not the first layer's one channel).
+                let vec4_in = (c_in / g) % 4 == 0;
+                let kernels: Vec<ConvKernel> = kernels
+                    .iter()
+                    .copied()
+                    .filter(|&k| vec4_in || !matches!((k, part), (ConvKernel::Subgroup, "forward")))
+                    .filter(|&k| vec4_in || !(k == ConvKernel::Matmul && part != "forward"))
+                    .collect();
                 let time = |kern| {
                     let start = std::time::Instant::now();
                     run(kern);
