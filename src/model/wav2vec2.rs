@@ -57,9 +57,8 @@ impl Linear {
     /// layer then runs forward without gradients only.
     pub fn to_half(&mut self) -> Result<()> {
         if self.half.is_none() {
-            let w = self.weight.value();
-            self.half = Some(HalfWeight::from_f32(w, &self.weight.name)?);
-            self.weight = Param::new(self.weight.name.clone(), Tensor::zeros(w.gpu(), &[1])?);
+            self.half = Some(HalfWeight::from_f32(self.weight.value(), &self.weight.name)?);
+            self.weight = placeholder(&self.weight)?;
         }
         Ok(())
     }
@@ -91,6 +90,12 @@ impl Linear {
     pub fn parameters(&self) -> Vec<Arc<Param>> {
         std::iter::once(self.weight.clone()).chain(self.bias.clone()).collect()
     }
+}
+
+/// A one-element stand-in for a parameter whose values were moved elsewhere (f16, a packed projection): keeps
+/// the name, frees the memory.
+fn placeholder(p: &Param) -> Result<Arc<Param>> {
+    Ok(Param::new(p.name.clone(), Tensor::zeros(p.value().gpu(), &[1])?))
 }
 
 /// `nn.LayerNorm` / `nn.GroupNorm` affine parameters, [C] each.
@@ -228,9 +233,9 @@ impl EncoderLayer {
             half: None,
         });
         for l in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj] {
-            l.weight = Param::new(l.weight.name.clone(), Tensor::zeros(gpu, &[1])?);
+            l.weight = placeholder(&l.weight)?;
             if let Some(b) = &mut l.bias {
-                *b = Param::new(b.name.clone(), Tensor::zeros(gpu, &[1])?);
+                *b = placeholder(b)?;
             }
         }
         Ok(())
@@ -450,8 +455,9 @@ impl Wav2Vec2 {
     /// For a model whose weights will not change again (a teacher, a frozen upstream): packs every
     /// convolution's weight into the kernels' layout once, the positional conv's after its weight norm, so
     /// inference skips that work on every forward (8.6% of the kernel time of a 1.5 s forward in lavapipe's
-    /// profile; the wall-time gain there is within run-to-run noise, `benches/RESULTS.md`). Results
-    /// are bit-identical (the same kernels on the same packed values). Passes that record gradients still pack
+    /// profile; the wall-time gain there is within run-to-run noise, `benches/RESULTS.md`); and where the
+    /// attention runs unfused, packs each layer's q, k and v into one projection ([`EncoderLayer::pack_qkv`]).
+    /// Results are bit-identical (the same kernels on the same packed values). Passes that record gradients still pack
     /// the current weights every time, but a frozen model's inference would not see a later change to its
     /// weights: do not train one.
     pub fn freeze(&mut self) -> Result<()> {

@@ -353,18 +353,18 @@ impl Group {
 
     /// [`Group::rows`] of a tensor whose rows are `stride` apart, its heads starting at column `col`.
     fn rows_in(&self, stride: usize, col: usize) -> View {
-        View {
-            offset: (self.bi * self.t + self.t0) * stride + col + self.h0 * self.dh,
-            batch_stride: self.dh,
-            row_stride: stride,
-            col_stride: 1,
-        }
+        self.heads_from(self.t0, stride, col)
     }
 
     /// [`Group::keys`] of a tensor whose rows are `stride` apart, its heads starting at column `col`.
     fn keys_in(&self, stride: usize, col: usize) -> View {
+        self.heads_from(0, stride, col)
+    }
+
+    /// The group's heads `[hn, .., dh]` of batch item `bi` from row `first_row` on.
+    fn heads_from(&self, first_row: usize, stride: usize, col: usize) -> View {
         View {
-            offset: self.bi * self.t * stride + col + self.h0 * self.dh,
+            offset: (self.bi * self.t + first_row) * stride + col + self.h0 * self.dh,
             batch_stride: self.dh,
             row_stride: stride,
             col_stride: 1,

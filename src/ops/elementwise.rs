@@ -5,7 +5,7 @@
 //! - residual add `y = a + b`: `da = db = dy` (identity; the tape hands `dy` to both inputs);
 //! - `scale(x, alpha)`: `dx = scale(dy, alpha)` (the same op), e.g. the CNN's gradient multiplier 0.1.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 use crate::gpu::{DType, Shader, Tensor};
 
@@ -24,10 +24,7 @@ pub fn fill(y: &Tensor, value: f32) -> Result<()> {
 
 /// y = a + b (same shapes).
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.shape() != b.shape() {
-        bail!("add: shapes {:?} and {:?} differ", a.shape(), b.shape());
-    }
-    check_f32("add", "a", a)?;
+    check_same("add", ("a", a), ("b", b))?;
     let y = Tensor::empty(a.gpu(), a.shape(), DType::F32)?;
     dispatch_vec4_and_tail(("add_forward4", "add_forward"), &[a, b, &y])?;
     Ok(y)
@@ -181,6 +178,13 @@ mod tests {
             let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
             assert!(y == want, "add of {n} elements differs from the f32 sums");
         }
+        // Operands that are not two f32 tensors of one shape are refused, naming the one at fault.
+        let a = Tensor::zeros(gpu, &[2, 3]).unwrap();
+        let ints = Tensor::from_u32(gpu, &[0; 6], &[2, 3]).unwrap();
+        let e = add(&a, &ints).unwrap_err();
+        assert!(format!("{e:#}").contains("add: b must be f32"), "{e:#}");
+        let e = add(&a, &Tensor::zeros(gpu, &[3, 2]).unwrap()).unwrap_err();
+        assert!(format!("{e:#}").contains("same shape"), "{e:#}");
     }
 
     #[test]
