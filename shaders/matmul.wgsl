@@ -53,10 +53,30 @@ struct MatParams {
     alpha: f32,
     flags: u32, // FLAG_BIAS | FLAG_GELU | FLAG_ACCUMULATE
     bias_bs: u32, // bias elements between batch items (0: one bias for all)
+    // Split-K's slices as an outer batch (src/ops/matmul.rs, `launch_split_k`): batch item bt is item
+    // bt % items of k slice bt / items, whose A, B and C start a_ks, b_ks, c_ks elements after slice 0's.
+    // One slice (items = batch, strides 0) for every other product.
+    items: u32,
+    a_ks: u32,
+    b_ks: u32,
+    c_ks: u32,
 }
 
 @group(0) @binding(0) var<uniform> mp: MatParams;
-@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[b * bias_bs + j], or a dummy when !FLAG_BIAS
+
+// Where batch item bt's A, B and C start (see `items` above).
+fn a_at(bt: u32) -> u32 {
+    return mp.a_off + (bt / mp.items) * mp.a_ks + (bt % mp.items) * mp.a_bs;
+}
+fn b_at(bt: u32) -> u32 {
+    return mp.b_off + (bt / mp.items) * mp.b_ks + (bt % mp.items) * mp.b_bs;
+}
+// (where its C starts, where its bias starts), computed once per block: the epilogue's stores add rows and
+// columns to these.
+fn item_out(bt: u32) -> vec2<u32> {
+    return vec2<u32>(mp.c_off + (bt / mp.items) * mp.c_ks + (bt % mp.items) * mp.c_bs, (bt % mp.items) * mp.bias_bs);
+}
+@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[(b % items) * bias_bs + j], or a dummy when !FLAG_BIAS
 @group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
 // Scalar views of A and B (general path; A of the nn4 path).
 @group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view
@@ -88,17 +108,17 @@ fn block_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
 }
 
 // The epilogue for one row of the block: scale, bias, previous C, activation, store inside the matrix only.
-fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
+fn store_row(out: vec2<u32>, i: u32, j0: u32, acc: vec4<f32>) {
     if (i >= mp.m) {
         return;
     }
-    let base = mp.c_off + bt * mp.c_bs + i * mp.c_rs;
+    let base = out.x + i * mp.c_rs;
     for (var c = 0u; c < 4u; c++) {
         let j = j0 + c;
         if (j < mp.n) {
             var v = mp.alpha * acc[c];
             if ((mp.flags & FLAG_BIAS) != 0u) {
-                v = v + mm_bias[bt * mp.bias_bs + j];
+                v = v + mm_bias[out.y + j];
             }
             let idx = base + j * mp.c_cs;
             if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
@@ -119,10 +139,11 @@ fn fma4(acc: vec4<f32>, x: vec4<f32>, yt: mat4x4<f32>) -> vec4<f32> {
 }
 
 fn store_block(o: vec3<u32>, acc0: vec4<f32>, acc1: vec4<f32>, acc2: vec4<f32>, acc3: vec4<f32>) {
-    store_row(o.x, o.y, o.z, acc0);
-    store_row(o.x, o.y + 1u, o.z, acc1);
-    store_row(o.x, o.y + 2u, o.z, acc2);
-    store_row(o.x, o.y + 3u, o.z, acc3);
+    let out = item_out(o.x);
+    store_row(out, o.y, o.z, acc0);
+    store_row(out, o.y + 1u, o.z, acc1);
+    store_row(out, o.y + 2u, o.z, acc2);
+    store_row(out, o.y + 3u, o.z, acc3);
 }
 
 @compute @workgroup_size(64)
@@ -132,8 +153,8 @@ fn matmul_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
     if (o.x >= mp.batch || o.y >= mp.m || o.z >= mp.n) {
         return;
     }
-    let a_base = mp.a_off + o.x * mp.a_bs;
-    let b_base = mp.b_off + o.x * mp.b_bs;
+    let a_base = a_at(o.x);
+    let b_base = b_at(o.x);
     let ar0 = a_base + min(o.y, mp.m - 1u) * mp.a_rs;
     let ar1 = a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs;
     let ar2 = a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs;
@@ -167,8 +188,8 @@ fn matmul_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
         return;
     }
     // Element offsets of each row of A and each column of B (both contiguous along k), in vec4 units.
-    let a_base = mp.a_off + o.x * mp.a_bs;
-    let b_base = mp.b_off + o.x * mp.b_bs;
+    let a_base = a_at(o.x);
+    let b_base = b_at(o.x);
     let ar0 = (a_base + min(o.y, mp.m - 1u) * mp.a_rs) / 4u;
     let ar1 = (a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs) / 4u;
     let ar2 = (a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs) / 4u;
@@ -208,13 +229,13 @@ fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
     if (o.x >= mp.batch || o.y >= mp.m || o.z >= mp.n) {
         return;
     }
-    let a_base = mp.a_off + o.x * mp.a_bs;
+    let a_base = a_at(o.x);
     let ar0 = a_base + min(o.y, mp.m - 1u) * mp.a_rs;
     let ar1 = a_base + min(o.y + 1u, mp.m - 1u) * mp.a_rs;
     let ar2 = a_base + min(o.y + 2u, mp.m - 1u) * mp.a_rs;
     let ar3 = a_base + min(o.y + 3u, mp.m - 1u) * mp.a_rs;
     // n % 4 == 0 and o.z < n, so the 4 columns o.z.. are inside the row; vec4 units.
-    let bcol = (mp.b_off + o.x * mp.b_bs + o.z) / 4u;
+    let bcol = (b_at(o.x) + o.z) / 4u;
     let brs = mp.b_rs / 4u;
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -289,8 +310,8 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
     // Loading role: row (or column) li / 4 of the tile, k quad li % 4 of the chunk.
     let lr = li / 4u;
     let lq = (li % 4u) * 4u;
-    let a_row = (mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
-    let b_col = (mp.b_off + o.x * mp.b_bs + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
+    let a_row = (a_at(o.x) + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_col = (b_at(o.x) + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
     // Computing role: rows o.y + 4 ty.., columns o.z + 4 tx...
     let ty = li / 16u;
     let tx = li % 16u;
@@ -344,10 +365,10 @@ fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
     // 4 (li % 16).. (n % 4 == 0: a quad past the edge is clamped to the last one, never stored).
     let lr = li / 4u;
     let lq = (li % 4u) * 4u;
-    let a_row = mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs;
+    let a_row = a_at(o.x) + min(o.y + lr, mp.m - 1u) * mp.a_rs;
     let bp = li / 16u;
     let bq = li % 16u;
-    let b_quad = (mp.b_off + o.x * mp.b_bs + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
+    let b_quad = (b_at(o.x) + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
     let brs = mp.b_rs / 4u;
     let ty = li / 16u;
     let tx = li % 16u;
@@ -424,8 +445,8 @@ fn matmul_tiled8_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
     // Loading role: row (or column) li / 2 of the tile, k steps lq..lq+7 of the chunk (two vec4).
     let lr = li / 2u;
     let lq = (li % 2u) * 8u;
-    let a_row = (mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
-    let b_col = (mp.b_off + o.x * mp.b_bs + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
+    let a_row = (a_at(o.x) + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_col = (b_at(o.x) + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
     let ty = li / 16u;
     let tx = li % 16u;
     var c0 = vec4<f32>(0.0);
@@ -520,10 +541,10 @@ fn matmul_tiled8_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_
     // columns 4 bq.. (n % 4 == 0: a quad past the edge is clamped to the last one, never stored).
     let lr = li / 2u;
     let lq = (li % 2u) * 8u;
-    let a_row = mp.a_off + o.x * mp.a_bs + min(o.y + lr, mp.m - 1u) * mp.a_rs;
+    let a_row = a_at(o.x) + min(o.y + lr, mp.m - 1u) * mp.a_rs;
     let bp = li / 32u;
     let bq = li % 32u;
-    let b_quad = (mp.b_off + o.x * mp.b_bs + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
+    let b_quad = (b_at(o.x) + min(o.z + 4u * bq, mp.n - 4u)) / 4u;
     let brs = mp.b_rs / 4u;
     let ty = li / 16u;
     let tx = li % 16u;

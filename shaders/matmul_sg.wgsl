@@ -43,10 +43,30 @@ struct MatParams {
     alpha: f32,
     flags: u32,
     bias_bs: u32, // bias elements between batch items (0: one bias for all)
+    // Split-K's slices as an outer batch (src/ops/matmul.rs, `launch_split_k`): batch item bt is item
+    // bt % items of k slice bt / items, whose A, B and C start a_ks, b_ks, c_ks elements after slice 0's.
+    // One slice (items = batch, strides 0) for every other product.
+    items: u32,
+    a_ks: u32,
+    b_ks: u32,
+    c_ks: u32,
 }
 
 @group(0) @binding(0) var<uniform> mp: MatParams;
-@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[b * bias_bs + j], or a dummy when !FLAG_BIAS
+
+// Where batch item bt's A, B and C start (see `items` above).
+fn a_at(bt: u32) -> u32 {
+    return mp.a_off + (bt / mp.items) * mp.a_ks + (bt % mp.items) * mp.a_bs;
+}
+fn b_at(bt: u32) -> u32 {
+    return mp.b_off + (bt / mp.items) * mp.b_ks + (bt % mp.items) * mp.b_bs;
+}
+// (where its C starts, where its bias starts), computed once per block: the epilogue's stores add rows and
+// columns to these.
+fn item_out(bt: u32) -> vec2<u32> {
+    return vec2<u32>(mp.c_off + (bt / mp.items) * mp.c_ks + (bt % mp.items) * mp.c_bs, (bt % mp.items) * mp.bias_bs);
+}
+@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[(b % items) * bias_bs + j], or a dummy when !FLAG_BIAS
 @group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
 @group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view (scalar)
 @group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
@@ -59,17 +79,17 @@ fn load_b4(q: u32) -> vec4<f32> {
 }
 // -- end of B loads
 
-fn store_row(bt: u32, i: u32, j0: u32, acc: vec4<f32>) {
+fn store_row(out: vec2<u32>, i: u32, j0: u32, acc: vec4<f32>) {
     if (i >= mp.m) {
         return;
     }
-    let base = mp.c_off + bt * mp.c_bs + i * mp.c_rs;
+    let base = out.x + i * mp.c_rs;
     for (var c = 0u; c < 4u; c++) {
         let j = j0 + c;
         if (j < mp.n) {
             var v = mp.alpha * acc[c];
             if ((mp.flags & FLAG_BIAS) != 0u) {
-                v = v + mm_bias[bt * mp.bias_bs + j];
+                v = v + mm_bias[out.y + j];
             }
             let idx = base + j * mp.c_cs;
             if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
@@ -108,8 +128,8 @@ fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
     let o = sg_origin(wg, nwg, li);
     let bt = min(o.x, mp.batch - 1u);
     // This lane loads row o.y + lane of A for the whole subgroup.
-    let ar = (mp.a_off + bt * mp.a_bs + min(o.y + lane, mp.m - 1u) * mp.a_rs) / 4u;
-    let b_base = mp.b_off + bt * mp.b_bs;
+    let ar = (a_at(bt) + min(o.y + lane, mp.m - 1u) * mp.a_rs) / 4u;
+    let b_base = b_at(bt);
     let bc0 = (b_base + min(o.z, mp.n - 1u) * mp.b_cs) / 4u;
     let bc1 = (b_base + min(o.z + 1u, mp.n - 1u) * mp.b_cs) / 4u;
     let bc2 = (b_base + min(o.z + 2u, mp.n - 1u) * mp.b_cs) / 4u;
@@ -136,14 +156,15 @@ fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
         acc7 = fma4(acc7, subgroupBroadcast(xa, 7u), yt);
     }
     if (o.x < mp.batch) {
-        store_row(o.x, o.y + 0u, o.z, acc0);
-        store_row(o.x, o.y + 1u, o.z, acc1);
-        store_row(o.x, o.y + 2u, o.z, acc2);
-        store_row(o.x, o.y + 3u, o.z, acc3);
-        store_row(o.x, o.y + 4u, o.z, acc4);
-        store_row(o.x, o.y + 5u, o.z, acc5);
-        store_row(o.x, o.y + 6u, o.z, acc6);
-        store_row(o.x, o.y + 7u, o.z, acc7);
+        let out = item_out(o.x);
+        store_row(out, o.y + 0u, o.z, acc0);
+        store_row(out, o.y + 1u, o.z, acc1);
+        store_row(out, o.y + 2u, o.z, acc2);
+        store_row(out, o.y + 3u, o.z, acc3);
+        store_row(out, o.y + 4u, o.z, acc4);
+        store_row(out, o.y + 5u, o.z, acc5);
+        store_row(out, o.y + 6u, o.z, acc6);
+        store_row(out, o.y + 7u, o.z, acc7);
     }
 }
 
@@ -155,9 +176,9 @@ fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
                          @builtin(subgroup_invocation_id) lane: u32) {
     let o = sg_origin(wg, nwg, li);
     let bt = min(o.x, mp.batch - 1u);
-    let ar = mp.a_off + bt * mp.a_bs + min(o.y + lane, mp.m - 1u) * mp.a_rs;
+    let ar = a_at(bt) + min(o.y + lane, mp.m - 1u) * mp.a_rs;
     // n % 4 == 0: the 4 columns o.z.. lie inside a row whenever o.z < n; past the edge, the last 4.
-    let bcol = (mp.b_off + bt * mp.b_bs + min(o.z, mp.n - 4u)) / 4u;
+    let bcol = (b_at(bt) + min(o.z, mp.n - 4u)) / 4u;
     let brs = mp.b_rs / 4u;
     var acc0 = vec4<f32>(0.0);
     var acc1 = vec4<f32>(0.0);
@@ -180,13 +201,14 @@ fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
         acc7 = fma(vec4<f32>(subgroupBroadcast(xa, 7u)), y, acc7);
     }
     if (o.x < mp.batch) {
-        store_row(o.x, o.y + 0u, o.z, acc0);
-        store_row(o.x, o.y + 1u, o.z, acc1);
-        store_row(o.x, o.y + 2u, o.z, acc2);
-        store_row(o.x, o.y + 3u, o.z, acc3);
-        store_row(o.x, o.y + 4u, o.z, acc4);
-        store_row(o.x, o.y + 5u, o.z, acc5);
-        store_row(o.x, o.y + 6u, o.z, acc6);
-        store_row(o.x, o.y + 7u, o.z, acc7);
+        let out = item_out(o.x);
+        store_row(out, o.y + 0u, o.z, acc0);
+        store_row(out, o.y + 1u, o.z, acc1);
+        store_row(out, o.y + 2u, o.z, acc2);
+        store_row(out, o.y + 3u, o.z, acc3);
+        store_row(out, o.y + 4u, o.z, acc4);
+        store_row(out, o.y + 5u, o.z, acc5);
+        store_row(out, o.y + 6u, o.z, acc6);
+        store_row(out, o.y + 7u, o.z, acc7);
     }
 }

@@ -46,10 +46,10 @@ pub enum ConvKernel {
     /// `[K * C_in, C_out]`, so the GPU's matmul kernels run the feature encoder. With groups or padding the
     /// input is first copied group-major and zero-padded (`[B, G, T + 2 P, C_in / G]`, `conv1d_group_pad`) and
     /// each batch item is one matmul batched over the groups (each group its own fields, weight block, output
-    /// columns and bias slice): [`conv1d_packed`] takes this route by default only without
-    /// groups and padding, [`conv1d_backward`] (dw from tap-major products, dx by col2im) whenever it needs dx,
-    /// both only where the tiled matmul is chosen. Needs C_out / groups % 4 == 0 (and C_in / groups for the
-    /// backward).
+    /// columns and bias slice; split along k like any product, `split_k_for`): where the tiled matmul is
+    /// chosen, [`conv1d_packed`] takes this route for every convolution it fits, [`conv1d_backward`] (dw from
+    /// tap-major products, dx by col2im) whenever it needs dx. Needs C_out / groups % 4 == 0 (and
+    /// C_in / groups for the backward).
     Matmul,
 }
 
@@ -200,23 +200,35 @@ pub fn conv1d_packed(
     padding: usize,
     gelu: bool,
 ) -> Result<Tensor> {
-    // Where the tiled matmul is chosen (GPUs with shared memory), the feature encoder's convolutions go
-    // through it (1.6-1.8x the 4 x 4 kernel on an H100). Grouped or padded ones (the positional conv) keep the
-    // 4 x 4 kernel there: one matmul per group of 48 channels, in turn, ran at 0.52-0.54x of it
-    // (benches/RESULTS.md, H100); the route now runs the groups as one batched product, not yet measured on a
-    // GPU (the GPU kit's conv bench compares it). On adapters with subgroups of 8 (lavapipe), a plain
-    // convolution whose input channels the subgroup conv kernel cannot load as vec4 (the first layer: one
-    // channel, the waveform) takes the subgroup matmul instead of the 4 x 4 conv kernel: 1.7-2.1x there, with
-    // the same bits (the same multiply-adds in the same order; tested).
+    // Where the tiled matmul is chosen (GPUs with shared memory), the convolutions go through it: the feature
+    // encoder's at 1.6-1.8x the 4 x 4 kernel on an H100 (benches/RESULTS.md). The grouped, padded positional
+    // conv too, as one product per batch item batched over its groups and split along its long k (K x C_in /
+    // groups = 6144 for wav2vec2-base); one product per group in turn, the route's first form, ran at
+    // 0.52-0.54x of the 4 x 4 kernel there, as 16 dispatches of 8 workgroups each on a GPU of 132 compute
+    // units; batched and split it is one pass of ~1000 workgroups (not yet measured on a GPU:
+    // `WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1` keeps the 4 x 4 kernel for it, and the GPU kit compares both). On
+    // adapters with subgroups of 8 (lavapipe), a plain convolution whose input channels the subgroup conv
+    // kernel cannot load as vec4 (the first layer: one channel, the waveform) takes the subgroup matmul
+    // instead of the 4 x 4 conv kernel: 1.7-2.1x there, with the same bits (the same multiply-adds in the
+    // same order; tested).
     let plain = w.groups == 1 && padding == 0;
     let gpu = x.gpu();
     let narrow_on_subgroups = gpu.subgroups_of_8() && w.cg_in % 4 != 0;
-    let kernel = if plain && matmul_fits(w) && (crate::ops::matmul::tiled_wanted(gpu) || narrow_on_subgroups) {
+    let on_tiled = crate::ops::matmul::tiled_wanted(gpu) && (plain || grouped_conv_matmul_enabled());
+    let kernel = if matmul_fits(w) && (on_tiled || (plain && narrow_on_subgroups)) {
         ConvKernel::Matmul
     } else {
         choose_conv_kernel(x.gpu(), w.cg_in, w.c_out / w.groups)
     };
     conv1d_packed_with(kernel, x, w, bias, stride, padding, gelu)
+}
+
+/// Whether [`conv1d_packed`] may take the matmul route for a grouped or padded convolution where the tiled
+/// matmul is chosen: unset `WGPU_MLKD_NO_GROUPED_CONV_MATMUL` (any value keeps the 4 x 4 conv kernel, for
+/// comparisons; read once per process).
+fn grouped_conv_matmul_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var_os("WGPU_MLKD_NO_GROUPED_CONV_MATMUL").is_none())
 }
 
 /// [`conv1d_packed`] with the kernel given (tests and benches compare them).
@@ -825,7 +837,7 @@ fn conv1d_via_matmul(
     padding: usize,
     gelu: bool,
 ) -> Result<()> {
-    use crate::ops::matmul::{matmul_into_tall, Activation, Bias, MatDims, View};
+    use crate::ops::matmul::{matmul_into_tall, matmul_into_with, Activation, Bias, MatDims, View};
     let &[batch, t, c_in] = x.shape() else {
         bail!("conv1d: input must be [B, T, C_in], got {:?}", x.shape());
     };
@@ -887,7 +899,9 @@ fn conv1d_via_matmul(
             row_stride: c_out,
             col_stride: 1,
         };
-        matmul_into_tall(y, out, &fields, windows, &w.packed, weight, dims, bias, act)?;
+        // Not tall: a few hundred frames per group, each with a long k (K x C_in / groups), so split-K's rule
+        // applies (16 groups x 8 row tiles leave a large GPU mostly idle; k slices fill it).
+        matmul_into_with(y, out, &fields, windows, &w.packed, weight, dims, bias, 1.0, act)?;
     }
     Ok(())
 }
@@ -1172,6 +1186,7 @@ mod tests {
             (1, 61, 32, 64, 128, 1, 64, 16, true, true), // the positional conv's taps, padding and groups
             (3, 20, 8, 12, 5, 2, 2, 1, false, false),    // padding alone
             (1, 9, 12, 24, 3, 3, 0, 3, true, false),     // groups alone, stride 3
+            (2, 45, 64, 32, 64, 1, 32, 4, true, true),   // k = 1024: 5 k slices where split-K is taken
         ]
         .into_iter()
         .enumerate()

@@ -415,12 +415,13 @@ const SPLIT_K_MIN_DEPTH: usize = 192;
 const SPLIT_K_MAX: usize = 8;
 
 /// Into how many k slices [`matmul_into_with`] cuts a product (1: not split): on adapters that take the
-/// tiled kernels ([`tiled_wanted`]), products of one batch item are cut into the most slices (up to
-/// [`SPLIT_K_MAX`]) of at least [`SPLIT_K_MIN_DEPTH`] k steps, each starting on a vec4 boundary (the last may
-/// be shorter). The count depends on k alone, never on the number of rows, so a product computed in row
-/// chunks (long inputs) gives the same bits as in one piece; except that the slices' partial sums
-/// (`[slices, m, n]`) must fit one storage binding, so a product too large for that takes fewer slices
-/// ([`split_k_within`]). `WGPU_MLKD_MATMUL_SPLIT_K` overrides the rule (within the same bound).
+/// tiled kernels ([`tiled_wanted`]), the most slices (up to [`SPLIT_K_MAX`]) of at least
+/// [`SPLIT_K_MIN_DEPTH`] k steps, each starting on a vec4 boundary (the last may be shorter). A batched
+/// product (attention heads, a grouped convolution's groups) is split alike, its slices an outer batch of
+/// the same dispatch. The count depends on k alone, never on the number of rows or items, so a product
+/// computed in row chunks (long inputs) gives the same bits as in one piece; except that the slices' partial
+/// sums (`[slices, batch, m, n]`) must fit one storage binding, so a product too large for that takes fewer
+/// slices ([`split_k_within`]). `WGPU_MLKD_MATMUL_SPLIT_K` overrides the rule (within the same bound).
 pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     use std::sync::OnceLock;
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
@@ -431,10 +432,10 @@ pub fn split_k_for(gpu: &crate::gpu::Gpu, dims: MatDims) -> usize {
     split_k_within(split_k_count(dims, forced), dims, gpu.max_binding_bytes())
 }
 
-/// At most `s` slices, as many as keep the partial sums (`[slices, m, n]` f32) within `max_binding_bytes`
+/// At most `s` slices, as many as keep the partial sums (`[slices, batch, m, n]` f32) within `max_binding_bytes`
 /// and k cut into whole vec4 slices; 1 (no split, no partial sums) where not even two fit.
 fn split_k_within(s: usize, dims: MatDims, max_binding_bytes: u64) -> usize {
-    let slice_bytes = (dims.m as u64 * dims.n as u64 * 4).max(1);
+    let slice_bytes = (dims.batch as u64 * dims.m as u64 * dims.n as u64 * 4).max(1);
     let mut s = s.min((max_binding_bytes / slice_bytes).min(usize::MAX as u64) as usize);
     while s > 1 && !split_k_fits(dims.k, s) {
         s -= 1;
@@ -445,9 +446,6 @@ fn split_k_within(s: usize, dims: MatDims, max_binding_bytes: u64) -> usize {
 /// [`split_k_for`]'s count on an adapter that takes the tiled kernels, with the override given (`None`: the
 /// rule).
 fn split_k_count(dims: MatDims, forced: Option<usize>) -> usize {
-    if dims.batch != 1 {
-        return 1;
-    }
     if let Some(s) = forced {
         return if s > 1 && split_k_fits(dims.k, s) { s } else { 1 };
     }
@@ -524,10 +522,12 @@ pub fn matmul_into(
     bias: Option<&Tensor>,
     alpha: f32,
 ) -> Result<()> {
+    let bias = bias.map(Bias::shared);
     matmul_into_with(out, out_view, a, a_view, b, b_view, dims, bias, alpha, Activation::None)
 }
 
-/// [`matmul_into`] with an activation fused on the output: `C = act(alpha * A·B + bias[j])`.
+/// [`matmul_into`] with an activation fused on the output, `C = act(alpha * A·B + bias[j])`, and the bias
+/// shared by every batch item or one per item ([`Bias`]).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_into_with(
     out: &Tensor,
@@ -537,26 +537,14 @@ pub fn matmul_into_with(
     b: &Tensor,
     b_view: View,
     dims: MatDims,
-    bias: Option<&Tensor>,
+    bias: Option<Bias>,
     alpha: f32,
     act: Activation,
 ) -> Result<()> {
     let kernel = choose_kernel_for(out.gpu(), a_view, b_view, dims);
     let views = (out_view, a_view, b_view);
     let split = split_k_for(out.gpu(), dims);
-    launch(
-        kernel,
-        split,
-        out,
-        a,
-        b,
-        views,
-        dims,
-        bias.map(Bias::shared),
-        alpha,
-        act,
-        false,
-    )
+    launch(kernel, split, out, a, b, views, dims, bias, alpha, act, false)
 }
 
 /// [`matmul_into_with`] for a product known to be tall (a convolution over frames: thousands of rows that
@@ -651,7 +639,7 @@ pub(crate) fn matmul_with_kernel(
 }
 
 /// Checks and records one matmul; `views` are (C, A, B); `accumulate` adds C's previous contents; `split`
-/// > 1 cuts k into that many slices (split-K, see [`split_k_for`]; batch 1 and at least 4 k steps a slice).
+/// > 1 cuts k into that many slices (split-K, see [`split_k_for`]; at least 4 k steps a slice).
 #[allow(clippy::too_many_arguments)]
 fn launch(
     kernel: Kernel,
@@ -719,42 +707,76 @@ fn launch(
     if kernel.needs_subgroups_of_8() && !out.gpu().subgroups_of_8() {
         bail!("matmul: the {kernel:?} kernel needs an adapter with subgroups of exactly 8 invocations");
     }
+    if let Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) = kernel {
+        if t.rows == 0 || t.cols == 0 || t.rows as usize * t.cols as usize * 8 > 256 {
+            bail!("matmul: subgroup tile {t:?} must have 1 to 32 subgroups");
+        }
+    }
     let (av, bv, cv) = (
         a_view.normalized(batch, m, k.max(1)),
         b_view.normalized(batch, k.max(1), n),
         out_view.normalized(batch, m, n),
     );
-    if split > 1 {
-        if batch != 1 || !split_k_fits(k, split) {
-            bail!("matmul: split-K into {split} slices needs one batch item and k cut into {split} slices of whole vec4, got {dims:?}");
-        }
-        return launch_split_k(
-            kernel,
-            split,
-            out,
-            a,
-            b,
-            (cv, av, bv),
-            dims,
-            bias,
-            alpha,
-            act,
-            accumulate,
-        );
-    }
-    let (tile_m, tile_n) = kernel.tile();
-    let tiles_m = m.div_ceil(tile_m);
-    let tiles_n = n.div_ceil(tile_n);
-    let groups = batch as u128 * tiles_m as u128 * tiles_n as u128;
-    if groups > u32::MAX as u128 {
-        bail!("matmul: {groups} workgroups for {dims:?} is too many for one dispatch");
-    }
     let flags = if bias.is_some() { FLAG_BIAS } else { 0 }
         | if act == Activation::Gelu { FLAG_GELU } else { 0 }
         | if accumulate { FLAG_ACCUMULATE } else { 0 };
-    let u = |x: usize| x as u32; // every value was checked to fit above
+    let bias = bias.map(|b| (b.tensor, bias_batch_stride));
+    if split > 1 {
+        if !split_k_fits(k, split) {
+            bail!("matmul: split-K into {split} slices needs k cut into {split} slices of whole vec4, got {dims:?}");
+        }
+        return launch_split_k(kernel, split, out, a, b, (cv, av, bv), dims, bias, alpha, flags);
+    }
+    record(kernel, out, a, b, (cv, av, bv), dims, KSlices::ONE, bias, alpha, flags)
+}
+
+/// Split-K's k slices as an outer batch of a product (the shaders' `items`, `a_ks`, `b_ks`, `c_ks`):
+/// `count` slices, each `a`, `b`, `c` elements further into A, B and C than the one before.
+#[derive(Clone, Copy)]
+struct KSlices {
+    count: usize,
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+impl KSlices {
+    /// The whole product as one slice.
+    const ONE: KSlices = KSlices {
+        count: 1,
+        a: 0,
+        b: 0,
+        c: 0,
+    };
+}
+
+/// Records one matmul dispatch over checked, normalized views (every index was checked to fit u32): `dims`
+/// per slice, `slices.count` slices of `dims.batch` items each; `bias` is (tensor, batch stride).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    kernel: Kernel,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    (cv, av, bv): (View, View, View),
+    dims: MatDims,
+    slices: KSlices,
+    bias: Option<(&Tensor, usize)>,
+    alpha: f32,
+    flags: u32,
+) -> Result<()> {
+    let MatDims { batch, m, n, k } = dims;
+    let (tile_m, tile_n) = kernel.tile();
+    let tiles_m = m.div_ceil(tile_m);
+    let tiles_n = n.div_ceil(tile_n);
+    let items = slices.count as u128 * batch as u128;
+    let groups = items * tiles_m as u128 * tiles_n as u128;
+    if groups > u32::MAX as u128 {
+        bail!("matmul: {groups} workgroups for {dims:?} is too many for one dispatch");
+    }
+    let u = |x: usize| x as u32; // the caller checked every value fits
     let params = [
-        u(batch),
+        items as u32,
         u(m),
         u(n),
         u(k),
@@ -774,15 +796,14 @@ fn launch(
         u(tiles_n),
         alpha.to_bits(),
         flags,
-        u(bias_batch_stride),
+        u(bias.map_or(0, |(_, stride)| stride)),
+        u(batch),
+        u(slices.a),
+        u(slices.b),
+        u(slices.c),
     ];
     // Without a bias the shader never reads binding 3; A's buffer stands in (read-only twice is allowed).
-    let bias_buf = bias.map_or(a.buffer(), |b| b.tensor.buffer());
-    if let Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) = kernel {
-        if t.rows == 0 || t.cols == 0 || t.rows as usize * t.cols as usize * 8 > 256 {
-            bail!("matmul: subgroup tile {t:?} must have 1 to 32 subgroups");
-        }
-    }
+    let bias_buf = bias.map_or(a.buffer(), |(t, _)| t.buffer());
     out.gpu().dispatch_with(
         kernel.shader(),
         kernel.entry(),
@@ -793,9 +814,9 @@ fn launch(
     )
 }
 
-/// Split-K over checked, normalized views: the `split` slices of k as a batch of partial products (alpha 1,
-/// no epilogue) into a scratch `[split, M, N]`, then `shaders/matmul_split_k.wgsl` adds them in order and
-/// applies the epilogue into C.
+/// Split-K over checked, normalized views: the `split` slices of k as an outer batch of partial products
+/// (alpha 1, no epilogue) into a scratch `[split, batch, M, N]`, then `shaders/matmul_split_k.wgsl` adds them
+/// in order and applies the epilogue into C.
 #[allow(clippy::too_many_arguments)]
 fn launch_split_k(
     kernel: Kernel,
@@ -805,74 +826,53 @@ fn launch_split_k(
     b: &Tensor,
     (cv, av, bv): (View, View, View),
     dims: MatDims,
-    bias: Option<Bias>,
+    bias: Option<(&Tensor, usize)>,
     alpha: f32,
-    act: Activation,
-    accumulate: bool,
+    flags: u32,
 ) -> Result<()> {
-    let MatDims { m, n, k, .. } = dims;
+    let MatDims { batch, m, n, k } = dims;
     let slice = split_k_slice(k, split);
     let (full, rest) = (k / slice, k % slice);
-    let partial = Tensor::empty(out.gpu(), &[split, m, n], DType::F32)?;
-    // Slice s of A is columns s*slice.., of B rows s*slice..: the batch stride steps along k. The full slices
-    // are one batched product; a shorter last slice is one more.
-    let a_slices = View {
-        batch_stride: slice * av.col_stride,
-        ..av
+    let elements = batch * m * n;
+    if split as u128 * elements as u128 > u32::MAX as u128 - 256 {
+        bail!("matmul: split-K into {split} slices of {batch} x {m} x {n} outputs is beyond 32-bit indexing");
+    }
+    let partial = Tensor::empty(out.gpu(), &[split, batch, m, n], DType::F32)?;
+    // Slice s of A is columns s*slice.., of B rows s*slice.., of the scratch item block s. The full slices
+    // are one dispatch; a shorter last slice is one more.
+    let parts = View::row_major(m, n);
+    let step = KSlices {
+        count: full,
+        a: slice * av.col_stride,
+        b: slice * bv.row_stride,
+        c: elements,
     };
-    let b_slices = View {
-        batch_stride: slice * bv.row_stride,
-        ..bv
-    };
-    let slices = MatDims {
-        batch: full,
-        m,
-        n,
-        k: slice,
-    };
-    let no_epilogue = (None, 1.0, Activation::None, false);
-    let views = (View::row_major(m, n), a_slices, b_slices);
-    launch_parts(kernel, &partial, a, b, views, slices, no_epilogue)?;
+    let per_slice = MatDims { k: slice, ..dims };
+    record(kernel, &partial, a, b, (parts, av, bv), per_slice, step, None, 1.0, 0)?;
     if rest > 0 {
         let last = (
-            View::row_major(m, n).at(full * m * n),
-            a_slices.at(av.offset + full * slice * av.col_stride),
-            b_slices.at(bv.offset + full * slice * bv.row_stride),
+            parts.at(full * elements),
+            av.at(av.offset + full * step.a),
+            bv.at(bv.offset + full * step.b),
         );
-        launch_parts(
-            kernel,
-            &partial,
-            a,
-            b,
-            last,
-            MatDims {
-                batch: 1,
-                k: rest,
-                ..slices
-            },
-            no_epilogue,
-        )?;
+        let dims = MatDims { k: rest, ..dims };
+        record(kernel, &partial, a, b, last, dims, KSlices::ONE, None, 1.0, 0)?;
     }
-    let flags = if bias.is_some() { FLAG_BIAS } else { 0 }
-        | if act == Activation::Gelu { FLAG_GELU } else { 0 }
-        | if accumulate { FLAG_ACCUMULATE } else { 0 };
     let u = |x: usize| x as u32; // launch checked that C's view fits u32 indexing
     let params = [
+        u(batch),
         u(m),
         u(n),
         u(split),
         u(cv.offset),
+        u(cv.batch_stride),
         u(cv.row_stride),
         u(cv.col_stride),
         alpha.to_bits(),
         flags,
+        u(bias.map_or(0, |(_, stride)| stride)),
     ];
-    let elements = m * n;
-    if elements > u32::MAX as usize - 256 {
-        bail!("matmul: split-K over {m} x {n} outputs is beyond 32-bit indexing");
-    }
-    // One batch item (launch checked), so the bias is its first n elements whatever its batch stride.
-    let bias_buf = bias.map_or(partial.buffer(), |b| b.tensor.buffer());
+    let bias_buf = bias.map_or(partial.buffer(), |(t, _)| t.buffer());
     out.gpu().dispatch(
         &SPLIT_K_SHADER,
         "matmul_split_k_reduce",
@@ -880,19 +880,6 @@ fn launch_split_k(
         &params,
         elements.div_ceil(256) as u32,
     )
-}
-
-/// [`launch`] in one pass with (bias, alpha, activation, accumulate) as one argument.
-fn launch_parts(
-    kernel: Kernel,
-    out: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    views: (View, View, View),
-    dims: MatDims,
-    (bias, alpha, act, accumulate): (Option<Bias>, f32, Activation, bool),
-) -> Result<()> {
-    launch(kernel, 1, out, a, b, views, dims, bias, alpha, act, accumulate)
 }
 
 fn linear_impl(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> Result<Tensor> {
@@ -934,7 +921,7 @@ fn linear_impl(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -
             n: d_out,
             k: d_in,
         },
-        bias,
+        bias.map(Bias::shared),
         1.0,
         act,
     )?;
@@ -2453,7 +2440,7 @@ mod tests {
                 Tol::KERNEL,
             );
         }
-        // More slices than k has vec4, or a batch, is refused with a clear error.
+        // More slices than k has vec4 is refused with a clear error.
         let (a, b) = (upload(&[0.0; 70 * 96]), upload(&[0.0; 96 * 100]));
         let c = Tensor::empty(test_gpu(), &[70 * 100], DType::F32).unwrap();
         let views = (View::row_major(m, n), nt.0, nt.1);
@@ -2516,21 +2503,28 @@ mod tests {
         assert_eq!(rule(d(512, 1536, 3199)), 8); // a conv's weight gradient: k = frames
         assert_eq!(rule(d(499, 768, 383 * 4)), 7); // 1532 / 192
         assert_eq!(rule(d(499, 768, 380)), 1); // too shallow to split
-                                               // Rows and columns never change it (row chunks of a long input give the same bits).
+                                               // Rows, columns and batch items never change it (row chunks of a long input give the same bits).
         for m in [1, 7, 63, 64, 499, 100_000] {
             assert_eq!(rule(d(m, 3072, 768)), 4);
             assert_eq!(rule(d(m, 4, 768)), 4);
+            for batch in [2, 12, 16] {
+                assert_eq!(
+                    rule(MatDims {
+                        batch,
+                        ..d(m, 48, 6144)
+                    }),
+                    8
+                ); // the positional conv's groups
+                assert_eq!(rule(MatDims { batch, ..d(m, 64, 499) }), 2); // P V of 12 heads at T = 499
+            }
         }
-        // Batched products are never split.
-        assert_eq!(
-            rule(MatDims {
-                batch: 12,
-                m: 499,
-                n: 499,
-                k: 768
-            }),
-            1
-        );
+        // The batched partial sums count against the binding as well.
+        let heads = MatDims {
+            batch: 12,
+            ..d(499, 64, 499)
+        };
+        assert_eq!(split_k_within(2, heads, 2 * 12 * 499 * 64 * 4), 2);
+        assert_eq!(split_k_within(2, heads, 2 * 12 * 499 * 64 * 4 - 1), 1);
         // The override: exactly N where it fits, else one pass.
         assert_eq!(split_k_count(d(499, 3072, 768), Some(4)), 4);
         assert_eq!(split_k_count(d(499, 768, 768), Some(5)), 5);
@@ -2601,40 +2595,49 @@ mod tests {
             tensor: &tbias,
             batch_stride: stride,
         };
+        // Unsplit, and split-K with the slices an outer batch (k = 132: 2 x 68; 4 x 28 + 20, a shorter last
+        // slice); the 5-slice runs also add to what C holds (the reduction's batch strides and accumulate).
+        let prev = random_vec(73, batch * m * n, 1.0);
         for (kernel, bv) in runs {
-            let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
-            let views = (View::row_major(m, n), av, bv);
-            launch(
-                kernel,
-                1,
-                &c,
-                &ta,
-                &tb,
-                views,
-                dims,
-                Some(per_item),
-                1.0,
-                Activation::Gelu,
-                false,
-            )
-            .unwrap();
-            let want: Vec<f64> = (0..batch)
-                .flat_map(|i| {
-                    let item = |v: View| View {
-                        offset: v.offset + i * v.batch_stride,
-                        ..v
-                    };
-                    let one = MatDims { batch: 1, ..dims };
-                    let slice = &bias[i * stride..i * stride + n];
-                    reference::matmul_strided(&a, item(av), &b, item(bv), one, Some(slice), 1.0, Activation::Gelu)
-                })
-                .collect();
-            assert_close(
-                &format!("per-item bias {kernel:?}"),
-                &c.to_vec().unwrap(),
-                &want,
-                Tol::KERNEL,
-            );
+            for split in [1, 2, 5] {
+                let accumulate = split == 5;
+                let act = if accumulate { Activation::None } else { Activation::Gelu };
+                let c = upload(&prev);
+                let views = (View::row_major(m, n), av, bv);
+                launch(
+                    kernel,
+                    split,
+                    &c,
+                    &ta,
+                    &tb,
+                    views,
+                    dims,
+                    Some(per_item),
+                    1.0,
+                    act,
+                    accumulate,
+                )
+                .unwrap();
+                let want: Vec<f64> = (0..batch)
+                    .flat_map(|i| {
+                        let item = |v: View| View {
+                            offset: v.offset + i * v.batch_stride,
+                            ..v
+                        };
+                        let one = MatDims { batch: 1, ..dims };
+                        let slice = &bias[i * stride..i * stride + n];
+                        reference::matmul_strided(&a, item(av), &b, item(bv), one, Some(slice), 1.0, act)
+                    })
+                    .zip(&prev)
+                    .map(|(w, &p)| if accumulate { w + p as f64 } else { w })
+                    .collect();
+                assert_close(
+                    &format!("per-item bias {kernel:?}, split {split}"),
+                    &c.to_vec().unwrap(),
+                    &want,
+                    Tol::KERNEL,
+                );
+            }
         }
         let short = upload(&bias[..(batch - 1) * stride + n - 1]);
         let c = Tensor::empty(gpu, &[batch * m * n], DType::F32).unwrap();
@@ -2746,10 +2749,19 @@ mod tests {
                 weight,
             ));
         }
-        for t in [49, 149, 499] {
+        // Attention per batch item: the teacher's utterances (T = 49, 149, 499) and the student's 2 s crops
+        // (T = 99), whose training also runs the backward products (dO V^T has the shape of Q K^T).
+        for t in [49, 99, 149, 499] {
             cases.push((format!("QK^T 12x{t}x{t}x64"), d(12, t, t, 64), head, head.t()));
             cases.push((format!("PV 12x{t}x64x{t}"), d(12, t, 64, t), rm(t, t), head));
         }
+        let t = 99;
+        cases.push((
+            format!("dV = P^T dO 12x{t}x64x{t} (tn)"),
+            d(12, t, 64, t),
+            rm(t, t).t(),
+            head,
+        ));
         // BENCH_ONLY=<part of a case name> picks cases; BENCH_ROUNDS the rounds (default 5); BENCH_MIN_GFLOP
         // the work per timing (default 0.2; a fast GPU needs ~20 for the submission's latency not to count).
         let only = std::env::var("BENCH_ONLY").ok();
@@ -2777,9 +2789,12 @@ mod tests {
             let tiled = chosen.tiled();
             for tiled in [tiled, tiled.map(Kernel::with_large_tiles)].into_iter().flatten() {
                 kernels.push((tiled, 1));
+                // Every count that cuts k into vec4 slices whose partial sums fit one binding (batched
+                // products too: the attention's P V at T = 499 has 96 tiles of 64 x 64 for a whole GPU).
+                let max_binding = gpu.max_binding_bytes();
                 let splits = [2, 3, 4, 6, 8]
                     .into_iter()
-                    .filter(|&s| batch == 1 && split_k_fits(k, s));
+                    .filter(|&s| split_k_within(s, dims, max_binding) == s);
                 kernels.extend(splits.map(|s| (tiled, s)));
             }
             if gpu.subgroups_of_8() {
