@@ -51,10 +51,11 @@ fn every_shader_parses_and_validates() {
                     continue;
                 }
             };
-            // Subgroup kernels (`*_sg.wgsl`) are only created on adapters that have subgroups, and the f16-weight
-            // modules only where the adapter can unpack f16; the rest must need neither.
+            // Subgroup kernels (`*_sg.wgsl`, and the quad attention) are only created on adapters that have
+            // subgroups, and the f16-weight modules only where the adapter can unpack f16; the rest must need
+            // neither.
             let mut caps = naga::valid::Capabilities::default();
-            if shown.contains("_sg.wgsl") {
+            if shown.contains("_sg.wgsl") || shown.ends_with("attention_quad.wgsl") {
                 caps |= naga::valid::Capabilities::SUBGROUP;
             }
             if f16 {

@@ -6,7 +6,8 @@
 #      with split-K; f16 weights), the inference attention unfused against the fused kernels, and the
 #      convolutions' kernels against their matmul route;
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
-#      with each choice forced the other way (tiling, tile size, split-K); the teacher with f16 linear weights;
+#      with each choice forced the other way (fused attention, the positional conv's route, q/k/v packing, bind
+#      group reuse, tiling); the teacher with f16 linear weights;
 #      then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
 #   5. one profiled run of each, for where the time goes (GPU time per kernel from timestamp queries).
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
@@ -109,11 +110,13 @@ teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
-# The kernels chosen by default, then with one choice forced at a time (matmul tiling, tile size, split-K), and
-# with a fresh bind group for every dispatch (the host's cost before bind groups were reused), and with q, k, v
-# as three products (the frozen teacher's packing off).
-variants="default WGPU_MLKD_MATMUL_TILED=0 WGPU_MLKD_MATMUL_SPLIT_K=1 WGPU_MLKD_MATMUL_TILE=128 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_NO_QKV_PACKING=1"
-[ -n "$quick" ] && variants="default WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_NO_QKV_PACKING=1"
+# The kernels chosen by default, then with one choice forced at a time: the quad attention kernel off (the
+# unfused path), the positional conv on the 4 x 4 conv kernel instead of the (batched, split) matmul route, q, k,
+# v as three products (the frozen teacher's packing off), a fresh bind group for every dispatch (the host's
+# cost before bind groups were reused), and the tiled matmul off. (Session 6 measured tile size and split-K:
+# WGPU_MLKD_MATMUL_TILE=128 and WGPU_MLKD_MATMUL_SPLIT_K=1 still force them; GPU_KIT_VARIANTS replaces the list.)
+variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_NO_FUSED_ATTENTION=1 WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_QKV_PACKING=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_MATMUL_TILED=0"}
+[ -n "$quick" ] && variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_NO_FUSED_ATTENTION=1 WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1"}
 for variant in $variants; do
     log=$logs/ours-$variant.log
     (

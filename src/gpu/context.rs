@@ -215,6 +215,9 @@ pub(crate) struct Inner {
     /// Subgroup operations are enabled and every subgroup has exactly 8 invocations (lavapipe on AVX2):
     /// the matmul kernels of `shaders/matmul_sg.wgsl` assume that layout.
     pub(crate) subgroups_of_8: bool,
+    /// Subgroup operations are enabled and no subgroup has fewer than 4 invocations (every desktop GPU):
+    /// the quad attention kernel (`shaders/attention_quad.wgsl`) shuffles within groups of 4.
+    subgroup_quads: bool,
     /// Shaders may use unpack2x16float (wgpu's `SHADER_F16_IN_F32`: every native backend, except lavapipe
     /// without shader-f16): the f16-weight kernels need it.
     unpacks_f16: bool,
@@ -463,6 +466,9 @@ impl Gpu {
             && info.subgroup_min_size == 8
             && info.subgroup_max_size == 8
             && std::env::var_os("WGPU_MLKD_NO_SUBGROUPS").is_none();
+        let subgroup_quads = !subgroups.is_empty()
+            && info.subgroup_min_size >= 4
+            && std::env::var_os("WGPU_MLKD_NO_SUBGROUPS").is_none();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("wgpu-mlkd"),
             required_features: subgroups | pipeline_cache | timestamps,
@@ -533,6 +539,7 @@ impl Gpu {
                 bind_groups,
                 params: Mutex::new(None),
                 subgroups_of_8,
+                subgroup_quads,
                 unpacks_f16,
                 pending: Mutex::new(Vec::new()),
                 submissions: Default::default(),
@@ -569,6 +576,12 @@ impl Gpu {
     /// `WGPU_MLKD_NO_SUBGROUPS` to turn the kernels that need this off).
     pub fn subgroups_of_8(&self) -> bool {
         self.inner.subgroups_of_8
+    }
+
+    /// True when subgroup operations are on and every subgroup has at least 4 invocations (set
+    /// `WGPU_MLKD_NO_SUBGROUPS` to turn the kernels that need this off).
+    pub fn subgroup_quads(&self) -> bool {
+        self.inner.subgroup_quads
     }
 
     /// True where shaders may unpack f16 pairs (the kernels with f16 weights need it).

@@ -193,9 +193,9 @@ impl EncoderLayer {
     }
 
     /// Packs the q, k and v projections into one `[3 D, D]` linear layer (weights stacked, biases
-    /// concatenated), so that inference runs one product of 3 D columns instead of three of D and the unfused
-    /// attention reads its output in place ([`attention::self_attention_packed`]); bit-identical results
-    /// (each output column is the same sum). The three f32 weights are freed (one-element placeholders keep
+    /// concatenated), so that inference runs one product of 3 D columns instead of three of D and the
+    /// inference attention reads its output in place ([`attention::self_attention_packed`]); the projections'
+    /// results are bit-identical (each output column is the same sum). The three f32 weights are freed (one-element placeholders keep
     /// their names): the layer then runs forward without gradients only. A no-op for layers already in f16 or
     /// without the three biases.
     pub fn pack_qkv(&mut self) -> Result<()> {
@@ -456,17 +456,18 @@ impl Wav2Vec2 {
     /// convolution's weight into the kernels' layout once, the positional conv's after its weight norm, so
     /// inference skips that work on every forward (8.6% of the kernel time of a 1.5 s forward in lavapipe's
     /// profile; the wall-time gain there is within run-to-run noise, `benches/RESULTS.md`); and where the
-    /// attention runs unfused, packs each layer's q, k and v into one projection ([`EncoderLayer::pack_qkv`]).
+    /// inference attention can read them packed, packs each layer's q, k and v into one projection
+    /// ([`EncoderLayer::pack_qkv`]).
     /// Results are bit-identical (the same kernels on the same packed values). Passes that record gradients still pack
     /// the current weights every time, but a frozen model's inference would not see a later change to its
     /// weights: do not train one.
     pub fn freeze(&mut self) -> Result<()> {
-        // Where the inference attention runs unfused (GPUs without subgroups of 8), q, k and v become one
-        // product (3 dispatches -> 1, or 6 -> 2 with split-K) read in place by the attention's matmuls.
-        // `WGPU_MLKD_NO_QKV_PACKING` (any value) keeps them apart, for measuring what packing gives.
+        // Where the inference attention can read them in place (GPUs: the quad kernel or the unfused path's
+        // matmuls; not lavapipe's subgroup kernel), q, k and v become one product (3 dispatches -> 1, or 6 -> 2
+        // with split-K). `WGPU_MLKD_NO_QKV_PACKING` (any value) keeps them apart, for measuring what packing gives.
         let d = self.config.hidden_size;
-        let unfused = !attention::inference_is_fused(&self.gpu, d, self.config.num_attention_heads);
-        if unfused && std::env::var_os("WGPU_MLKD_NO_QKV_PACKING").is_none() {
+        let packable = attention::inference_reads_packed(&self.gpu, d, self.config.num_attention_heads);
+        if packable && std::env::var_os("WGPU_MLKD_NO_QKV_PACKING").is_none() {
             self.pack_qkv()?;
         }
         for layer in &mut self.conv_layers {

@@ -41,6 +41,8 @@ use crate::gpu::{DType, Gpu, Shader, Tensor};
 static SG_SHADER: Shader = crate::shader!("attention_sg");
 /// The portable fused inference kernel (workgroup memory), for GPUs without subgroups of 8.
 static SHADER: Shader = crate::shader!("attention");
+/// The fused inference kernel for GPUs with subgroups of 4 or more (four invocations per query row).
+static QUAD_SHADER: Shader = crate::shader!("attention_quad");
 /// The head dimension the fused kernels are written for (wav2vec2 base and large: 768 / 12, 1024 / 16).
 pub const FUSED_HEAD_DIM: usize = 64;
 
@@ -51,6 +53,9 @@ pub enum FusedKernel {
     Subgroup,
     /// `shaders/attention.wgsl`: 64 query rows per workgroup, keys and values staged in workgroup memory.
     Portable,
+    /// `shaders/attention_quad.wgsl`: 16 query rows per workgroup of 64, a quad of invocations per row
+    /// sharing its dims, scores added by subgroup shuffles (subgroups of 4 or more); reads q, k, v packed too.
+    Quad,
 }
 
 impl FusedKernel {
@@ -59,6 +64,7 @@ impl FusedKernel {
         match self {
             FusedKernel::Subgroup => (&SG_SHADER, "attention_sg_forward", 8),
             FusedKernel::Portable => (&SHADER, "attention_fused_forward", 64),
+            FusedKernel::Quad => (&QUAD_SHADER, "attention_quad_forward", 16),
         }
     }
 }
@@ -73,12 +79,54 @@ fn portable_fits(gpu: &Gpu) -> bool {
 }
 
 /// The fused kernel [`self_attention_inference`] takes on this adapter, if any: the subgroup one where
-/// subgroups have 8 invocations (lavapipe, where it beats the unfused path). Never the portable one: on an
-/// H100 it ran at 0.24-0.58x of the unfused path (T = 499..49; benches/RESULTS.md, "H100"), whose matmuls
-/// fill the GPU where 64 query rows per workgroup leave most of it idle (96 workgroups for 12 heads at
-/// T = 499). It stays for [`self_attention_fused_with`] and its tests, and for a GPU where it may win.
+/// subgroups have 8 invocations (lavapipe, where it beats the unfused path), else the quad one on GPUs
+/// (those that take the tiled matmul) with subgroups of 4 or more. Never the portable one: on an H100 it ran
+/// at 0.24-0.58x of the unfused path (T = 499..49; benches/RESULTS.md, "H100"): 64 query rows per workgroup
+/// left most of the GPU idle (96 workgroups for 12 heads at T = 499), and its per-invocation arrays may live
+/// in local memory. The quad kernel has 4 invocations per row and no arrays; it is not yet measured on a GPU
+/// (the GPU kit compares it with the unfused path, `WGPU_MLKD_NO_FUSED_ATTENTION=1`). The portable kernel
+/// stays for [`self_attention_fused_with`] and its tests, and for a GPU where it may win.
 pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
-    gpu.subgroups_of_8().then_some(FusedKernel::Subgroup)
+    if let Some(kernel) = forced_fused_kernel().filter(|&k| runs_on(gpu, k)) {
+        return Some(kernel);
+    }
+    if gpu.subgroups_of_8() {
+        Some(FusedKernel::Subgroup)
+    } else if gpu.subgroup_quads() && crate::ops::matmul::tiled_wanted(gpu) {
+        Some(FusedKernel::Quad)
+    } else {
+        None
+    }
+}
+
+/// The environment variable that picks the fused kernel (`subgroup`, `quad` or `portable`) wherever the
+/// adapter can run it, instead of [`fused_kernel_for`]'s rule (for measuring one kernel against another, and
+/// for running a GPU's kernel on lavapipe).
+pub const FUSED_ATTENTION_ENV: &str = "WGPU_MLKD_FUSED_ATTENTION";
+
+/// The kernel `WGPU_MLKD_FUSED_ATTENTION` names, if any (read once per process).
+fn forced_fused_kernel() -> Option<FusedKernel> {
+    static FORCED: std::sync::OnceLock<Option<FusedKernel>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var(FUSED_ATTENTION_ENV).ok()?.trim() {
+        "subgroup" => Some(FusedKernel::Subgroup),
+        "quad" => Some(FusedKernel::Quad),
+        "portable" => Some(FusedKernel::Portable),
+        _ => None,
+    })
+}
+
+/// Whether the adapter can run the kernel.
+fn runs_on(gpu: &Gpu, kernel: FusedKernel) -> bool {
+    match kernel {
+        FusedKernel::Subgroup => gpu.subgroups_of_8(),
+        FusedKernel::Quad => gpu.subgroup_quads(),
+        FusedKernel::Portable => portable_fits(gpu),
+    }
+}
+
+/// Whether the kernel can read q, k, v through a row stride and column offsets (a packed QKV projection).
+fn reads_packed(kernel: FusedKernel) -> bool {
+    kernel == FusedKernel::Quad
 }
 
 /// Default limit on the probabilities one [`self_attention_train`] call keeps for its backward.
@@ -105,9 +153,16 @@ fn fused_attention_enabled() -> bool {
 }
 
 /// Whether [`self_attention_inference`] runs a fused kernel for `heads` heads over `d` on this adapter (else the
-/// unfused path, whose matmul views can also read q, k, v packed in one tensor: [`self_attention_packed`]).
+/// unfused path).
 pub fn inference_is_fused(gpu: &Gpu, d: usize, heads: usize) -> bool {
     fused_attention_enabled() && fused_attention_supported(gpu, d, heads)
+}
+
+/// Whether the inference attention for `heads` heads over `d` on this adapter can read q, k, v as the column
+/// blocks of one packed projection ([`self_attention_packed`]): the unfused path's matmul views and the quad
+/// kernel can; the subgroup kernel (lavapipe) reads `[B, T, D]` tensors.
+pub fn inference_reads_packed(gpu: &Gpu, d: usize, heads: usize) -> bool {
+    !inference_is_fused(gpu, d, heads) || fused_kernel_for(gpu).is_some_and(reads_packed)
 }
 
 /// Self-attention for inference (no gradient): [`self_attention_fused`] where it is supported and
@@ -157,17 +212,40 @@ pub fn self_attention_fused_with(
 ) -> Result<Tensor> {
     let what = "fused attention";
     let (b, t, d) = check_inputs(what, q, k, v, heads, key_mask)?;
-    let gpu = q.gpu();
-    if kernel == FusedKernel::Subgroup && !gpu.subgroups_of_8() {
-        bail!("{what}: the subgroup kernel needs an adapter with subgroups of exactly 8 invocations");
+    fused_forward(what, kernel, Inputs::separate(q, k, v, d), (b, t, d), heads, key_mask)
+}
+
+/// The fused kernel over checked inputs of shape `[B, T, D]` (`inputs` may be packed only for a kernel that
+/// [`reads_packed`]).
+fn fused_forward(
+    what: &str,
+    kernel: FusedKernel,
+    inputs: Inputs,
+    (b, t, d): (usize, usize, usize),
+    heads: usize,
+    key_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let gpu = inputs.q.gpu();
+    if !runs_on(gpu, kernel) {
+        match kernel {
+            FusedKernel::Subgroup => {
+                bail!("{what}: the subgroup kernel needs an adapter with subgroups of exactly 8 invocations")
+            }
+            FusedKernel::Quad => {
+                bail!("{what}: the quad kernel needs an adapter with subgroup operations on subgroups of 4 or more")
+            }
+            FusedKernel::Portable => bail!(
+                "{what}: the portable kernel needs {PORTABLE_WORKGROUP_BYTES} bytes of workgroup memory, this \
+                 adapter gives {}",
+                gpu.limits().max_compute_workgroup_storage_size
+            ),
+        }
     }
-    if kernel == FusedKernel::Portable && !portable_fits(gpu) {
-        bail!(
-            "{what}: the portable kernel needs {PORTABLE_WORKGROUP_BYTES} bytes of workgroup memory, this adapter \
-             gives {}",
-            gpu.limits().max_compute_workgroup_storage_size
-        );
-    }
+    let packed = inputs.row_stride != d || inputs.cols != [0; 3];
+    ensure!(
+        !packed || reads_packed(kernel),
+        "{what}: the {kernel:?} kernel reads q, k, v as [B, T, D] tensors, not packed"
+    );
     let (shader, entry, rows) = kernel.kernel();
     if d != heads * FUSED_HEAD_DIM {
         bail!("{what}: needs a head dimension of {FUSED_HEAD_DIM}, got D = {d} over {heads} heads");
@@ -176,8 +254,11 @@ pub fn self_attention_fused_with(
     if b == 0 || t == 0 {
         return Ok(out);
     }
-    if (b * t * d) as u128 > u32::MAX as u128 {
-        bail!("{what}: [B, T, D] = [{b}, {t}, {d}] is beyond 32-bit indexing");
+    if (b * t * inputs.row_stride) as u128 > u32::MAX as u128 {
+        bail!(
+            "{what}: [B, T, D] = [{b}, {t}, {}] is beyond 32-bit indexing",
+            inputs.row_stride
+        );
     }
     let blocks = t.div_ceil(rows);
     let groups = b as u128 * heads as u128 * blocks as u128;
@@ -185,18 +266,36 @@ pub fn self_attention_fused_with(
         bail!("{what}: {groups} workgroups is too many for one dispatch");
     }
     let scaling = (FUSED_HEAD_DIM as f64).powf(-0.5) as f32;
+    let Inputs {
+        q,
+        k,
+        v,
+        row_stride,
+        cols,
+    } = inputs;
     // Without a mask the shader never reads binding 4; q's buffer stands in.
     let mask_buf = key_mask.map_or(q.buffer(), |m| m.buffer());
     let u = |x: usize| x as u32;
-    let params = [
-        u(b),
-        u(t),
-        u(d),
-        u(heads),
-        u(blocks),
-        u32::from(key_mask.is_some()),
-        scaling.to_bits(),
-    ];
+    let masked = u32::from(key_mask.is_some());
+    let params: Vec<u32> = if kernel == FusedKernel::Quad {
+        // Strides and offsets in vec4 (every one a multiple of 4: D = heads x 64).
+        let [qc, kc, vc] = cols.map(|c| u(c / 4));
+        vec![
+            u(b),
+            u(t),
+            u(heads),
+            u(blocks),
+            masked,
+            scaling.to_bits(),
+            u(row_stride / 4),
+            qc,
+            kc,
+            vc,
+            u(d / 4),
+        ]
+    } else {
+        vec![u(b), u(t), u(d), u(heads), u(blocks), masked, scaling.to_bits()]
+    };
     gpu.dispatch(
         shader,
         entry,
@@ -436,10 +535,11 @@ pub fn self_attention_chunked(
     Ok(out)
 }
 
-/// [`self_attention`] of a fused QKV projection's output `qkv` `[B, T, 3 D]`, whose column blocks `0..D`,
-/// `D..2 D` and `2 D..3 D` are q, k and v: read in place through strided views, bit-identical to
-/// [`self_attention`] of the three blocks (the same products in the same order). The unfused path only; the
-/// fused kernels read `[B, T, D]` tensors.
+/// [`self_attention_inference`] of a fused QKV projection's output `qkv` `[B, T, 3 D]`, whose column blocks
+/// `0..D`, `D..2 D` and `2 D..3 D` are q, k and v, read in place: by the quad kernel where inference takes it,
+/// else by the unfused path's strided views (bit-identical to [`self_attention`] of the three blocks: the
+/// same products in the same order), also where inference takes a kernel that reads `[B, T, D]` tensors
+/// only (which is why `freeze` packs only where [`inference_reads_packed`]).
 pub fn self_attention_packed(qkv: &Tensor, heads: usize, key_mask: Option<&Tensor>) -> Result<Tensor> {
     let what = "attention (packed q, k, v)";
     let [b, t, d3] = *qkv.shape() else {
@@ -453,7 +553,13 @@ pub fn self_attention_packed(qkv: &Tensor, heads: usize, key_mask: Option<&Tenso
     );
     let d = d3 / 3;
     check_heads_and_mask(what, b, t, d, heads, key_mask)?;
-    let budget = qkv.gpu().max_binding_bytes();
+    let gpu = qkv.gpu();
+    if inference_is_fused(gpu, d, heads) {
+        if let Some(kernel) = fused_kernel_for(gpu).filter(|&k| reads_packed(k)) {
+            return fused_forward(what, kernel, Inputs::packed(qkv, d), (b, t, d), heads, key_mask);
+        }
+    }
+    let budget = gpu.max_binding_bytes();
     let (out, _) = forward(Inputs::packed(qkv, d), (b, t, d), heads, key_mask, None, false, budget)?;
     Ok(out)
 }
@@ -1140,10 +1246,13 @@ mod tests {
     #[test]
     fn fused_matches_reference_and_unfused() {
         let gpu = test_gpu();
-        // The portable kernel runs on every adapter (forced here); the subgroup one where it can.
+        // The portable kernel runs on every adapter (forced here); the subgroup and quad ones where they can.
         let mut kernels = vec![FusedKernel::Portable];
         if gpu.subgroups_of_8() {
             kernels.push(FusedKernel::Subgroup);
+        }
+        if gpu.subgroup_quads() {
+            kernels.push(FusedKernel::Quad);
         }
         // T around and not multiples of the 8- and 64-row, 8- and 32-key blocks; masks: none, ragged, one item
         // all padded.
@@ -1181,6 +1290,19 @@ mod tests {
                 if mi == 2 {
                     // The fully padded item gets exact zeros, as the unfused path.
                     assert!(got[(b - 1) * t * d..].iter().all(|&x| x == 0.0), "{name}");
+                }
+                if reads_packed(kernel) {
+                    // q, k, v as the column blocks of one [B, T, 3 D] tensor: the same bits.
+                    let packed: Vec<f32> = (0..b * t)
+                        .flat_map(|row| [&c.q, &c.k, &c.v].map(|x| &x[row * d..(row + 1) * d]).concat())
+                        .collect();
+                    let qkv = Tensor::from_slice(gpu, &packed, &[b, t, 3 * d]).unwrap();
+                    let inputs = Inputs::packed(&qkv, d);
+                    let from_packed = fused_forward("test", kernel, inputs, (b, t, d), heads, tm.as_ref())
+                        .unwrap()
+                        .to_vec()
+                        .unwrap();
+                    assert!(from_packed == got, "{name}: packed q, k, v changed the result");
                 }
             }
         }
@@ -1249,6 +1371,9 @@ mod tests {
             let mut kernels = vec![None, Some(FusedKernel::Portable)];
             if gpu.subgroups_of_8() {
                 kernels.push(Some(FusedKernel::Subgroup));
+            }
+            if gpu.subgroup_quads() {
+                kernels.push(Some(FusedKernel::Quad));
             }
             for &k in &kernels {
                 run(k); // compiles the pipelines
