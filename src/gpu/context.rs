@@ -125,7 +125,7 @@ impl AdapterSummary {
         let info = adapter.get_info();
         let l = adapter.limits();
         AdapterSummary {
-            features: useful_features(adapter.features(), &info),
+            features: useful_features(adapter, &info),
             name: info.name,
             backend: format!("{:?}", info.backend).to_lowercase(),
             device_type: format!("{:?}", info.device_type),
@@ -139,8 +139,11 @@ impl AdapterSummary {
     }
 }
 
-/// The adapter features some kernel or cache of wgpu-mlkd depends on.
-fn useful_features(features: wgpu::Features, info: &wgpu::AdapterInfo) -> Vec<String> {
+/// The adapter features some kernel or cache of wgpu-mlkd depends on, and the cooperative matrix
+/// (tensor core) configurations wgpu offers on it, which no kernel uses yet (listed so that a device check
+/// records what a GPU would offer one: M x N x K, input -> accumulator type).
+fn useful_features(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Vec<String> {
+    let features = adapter.features();
     let mut out = Vec::new();
     if features.contains(wgpu::Features::SUBGROUP) {
         let (lo, hi) = (info.subgroup_min_size, info.subgroup_max_size);
@@ -158,6 +161,14 @@ fn useful_features(features: wgpu::Features, info: &wgpu::AdapterInfo) -> Vec<St
     }
     if features.contains(wgpu::Features::TIMESTAMP_QUERY) {
         out.push("timestamp-query".into());
+    }
+    if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        let configs: Vec<String> = adapter
+            .cooperative_matrix_properties()
+            .iter()
+            .map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type))
+            .collect();
+        out.push(format!("cooperative-matrix [{}]", configs.join(", ")));
     }
     out
 }
