@@ -166,7 +166,12 @@ fn useful_features(adapter: &wgpu::Adapter, info: &wgpu::AdapterInfo) -> Vec<Str
         let configs: Vec<String> = adapter
             .cooperative_matrix_properties()
             .iter()
-            .map(|p| format!("{}x{}x{} {:?}->{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type))
+            .map(|p| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                )
+            })
             .collect();
         out.push(format!("cooperative-matrix [{}]", configs.join(", ")));
     }

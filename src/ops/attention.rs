@@ -8,11 +8,13 @@
 //! heads: 432 MB), so heads, and if needed query rows, are processed in groups whose scores fit
 //! `gpu.max_binding_bytes()`; one score buffer is reused by every group.
 //!
-//! Inference: [`self_attention_inference`] (what the no-grad tape, so the teacher forward, calls) takes the
-//! fused kernel [`self_attention_fused`] where the adapter has subgroups of 8 and the head dim is 64: one
-//! kernel with an online softmax and no score buffer, 1.9-5x faster than the unfused path on lavapipe at
-//! T = 49..499 (benches/RESULTS.md, "lavapipe attention, session 3"), and its memory does not grow with T^2.
-//! `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps the unfused path (for comparisons).
+//! Inference: [`self_attention_inference`] (what the no-grad tape, so the teacher forward, calls) takes a
+//! fused kernel [`self_attention_fused`] where the head dim is 64 and the adapter has one
+//! ([`fused_kernel_for`]): one kernel with an online softmax and no score buffer, so its memory does not grow
+//! with T^2. Where subgroups have 8 invocations (lavapipe) the subgroup kernel, 1.9-5x faster than the unfused
+//! path there at T = 49..499 (benches/RESULTS.md, "lavapipe attention, session 3"); on GPUs with subgroups of
+//! 4 or more the quad kernel (not yet timed on one). `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps the unfused path
+//! (for comparisons).
 //!
 //! Training: [`self_attention_train`] also returns an [`AttentionSaved`] for [`self_attention_backward`].
 //! With `P = softmax(S)` and `P' = dropout(P)` per head:
@@ -183,11 +185,13 @@ pub fn self_attention_inference(
     }
 }
 
-/// [`self_attention`] in one kernel (`shaders/attention_sg.wgsl`): an online softmax over blocks of 8 keys
-/// per 8 query rows, with no `[T, T]` score buffer, so its memory is only q, k, v and the output at any T.
-/// Needs [`fused_attention_supported`] (else an error). The scores are bit-identical to the unfused
-/// path's, but the softmax is normalised at the end and rescaled as the running max grows, so the output
-/// differs from [`self_attention`]'s by rounding (a few ulp of the largest output; tested to `Tol::KERNEL`).
+/// [`self_attention`] in one kernel, the one [`fused_kernel_for`] picks (`shaders/attention_sg.wgsl`: an
+/// online softmax over blocks of 8 keys per 8 query rows; `shaders/attention_quad.wgsl`: four keys per step,
+/// four invocations per query row), with no `[T, T]` score buffer, so its memory is only q, k, v and the
+/// output at any T. Needs [`fused_attention_supported`] (else an error). The softmax is normalised at the end
+/// and rescaled as the running max grows (and the quad kernel adds each score's four partial dot products
+/// in a tree), so the output differs from [`self_attention`]'s by rounding (a few ulp of the largest output;
+/// tested to `Tol::KERNEL`).
 pub fn self_attention_fused(
     q: &Tensor,
     k: &Tensor,
@@ -196,7 +200,10 @@ pub fn self_attention_fused(
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let Some(kernel) = fused_kernel_for(q.gpu()) else {
-        bail!("fused attention: no fused kernel is chosen on this adapter (the subgroup one needs subgroups of exactly 8 invocations)");
+        bail!(
+            "fused attention: no fused kernel is chosen on this adapter (the subgroup one needs subgroups of exactly \
+             8 invocations, the quad one a GPU with subgroups of 4 or more)"
+        );
     };
     self_attention_fused_with(kernel, q, k, v, heads, key_mask)
 }
