@@ -168,7 +168,7 @@ pub struct EncoderLayer {
     pub heads: usize,
     pub eps: f32,
     pub stable: bool,
-    /// q, k and v as one `[3 D, D]` projection, for inference where the attention runs unfused
+    /// q, k and v as one `[3 D, D]` projection, for inference where the attention reads them packed
     /// ([`EncoderLayer::pack_qkv`]); the three projections' own weights are then freed.
     qkv_packed: Option<Linear>,
 }
@@ -508,8 +508,8 @@ impl Wav2Vec2 {
         Ok(())
     }
 
-    /// [`EncoderLayer::pack_qkv`] for every layer (which [`Wav2Vec2::freeze`] does where the attention runs
-    /// unfused; tests call it to check the packed path on any adapter). Inference only afterwards.
+    /// [`EncoderLayer::pack_qkv`] for every layer (which [`Wav2Vec2::freeze`] does where the inference attention
+    /// reads them packed; tests call it to check the packed path on any adapter). Inference only afterwards.
     pub fn pack_qkv(&mut self) -> Result<()> {
         self.layers.iter_mut().try_for_each(EncoderLayer::pack_qkv)
     }

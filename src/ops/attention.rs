@@ -41,7 +41,7 @@ use crate::gpu::{DType, Gpu, Shader, Tensor};
 
 /// The fused inference kernel for adapters with subgroups of exactly 8 invocations (see [`self_attention_fused`]).
 static SG_SHADER: Shader = crate::shader!("attention_sg");
-/// The portable fused inference kernel (workgroup memory), for GPUs without subgroups of 8.
+/// The portable fused inference kernel (workgroup memory); not chosen by default (see [`fused_kernel_for`]).
 static SHADER: Shader = crate::shader!("attention");
 /// The fused inference kernel for GPUs with subgroups of 4 or more (four invocations per query row).
 static QUAD_SHADER: Shader = crate::shader!("attention_quad");
@@ -81,8 +81,8 @@ fn portable_fits(gpu: &Gpu) -> bool {
 }
 
 /// The fused kernel [`self_attention_inference`] takes on this adapter, if any: the subgroup one where
-/// subgroups have 8 invocations (lavapipe, where it beats the unfused path), else the quad one on GPUs
-/// (those that take the tiled matmul) with subgroups of 4 or more. Never the portable one: on an H100 it ran
+/// subgroups have 8 invocations (lavapipe, where it beats the unfused path), else the quad one on hardware
+/// GPUs with subgroups of 4 or more. Never the portable one: on an H100 it ran
 /// at 0.24-0.58x of the unfused path (T = 499..49; benches/RESULTS.md, "H100"): 64 query rows per workgroup
 /// left most of the GPU idle (96 workgroups for 12 heads at T = 499), and its per-invocation arrays may live
 /// in local memory. The quad kernel has 4 invocations per row and no arrays; it is not yet measured on a GPU
@@ -94,7 +94,7 @@ pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
     }
     if gpu.subgroups_of_8() {
         Some(FusedKernel::Subgroup)
-    } else if gpu.subgroup_quads() && crate::ops::matmul::tiled_wanted(gpu) {
+    } else if gpu.subgroup_quads() && gpu.is_hardware_gpu() {
         Some(FusedKernel::Quad)
     } else {
         None

@@ -204,9 +204,10 @@ pub fn conv1d_packed(
     // encoder's at 1.6-1.8x the 4 x 4 kernel on an H100 (benches/RESULTS.md). The grouped, padded positional
     // conv too, as one product per batch item batched over its groups and split along its long k (K x C_in /
     // groups = 6144 for wav2vec2-base); one product per group in turn, the route's first form, ran at
-    // 0.52-0.54x of the 4 x 4 kernel there, as 16 dispatches of 8 workgroups each on a GPU of 132 compute
-    // units; batched and split it is one pass of ~1000 workgroups (not yet measured on a GPU:
-    // `WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1` keeps the 4 x 4 kernel for it, and the GPU kit compares both). On
+    // 0.52-0.54x of the 4 x 4 kernel there, as 16 small dispatches in a row on a GPU of 132 compute units;
+    // batched and split it is one pass (48 columns per group: the 32 x 32 register-blocked kernel, 16 groups
+    // x 16 x 2 tiles x 8 slices = 4096 workgroups at 499 frames). Not yet measured on a GPU:
+    // `WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1` keeps the 4 x 4 kernel for it, and the GPU kit compares both. On
     // adapters with subgroups of 8 (lavapipe), a plain convolution whose input channels the subgroup conv
     // kernel cannot load as vec4 (the first layer: one channel, the waveform) takes the subgroup matmul
     // instead of the 4 x 4 conv kernel: 1.7-2.1x there, with the same bits (the same multiply-adds in the
@@ -900,7 +901,7 @@ fn conv1d_via_matmul(
             col_stride: 1,
         };
         // Not tall: a few hundred frames per group, each with a long k (K x C_in / groups), so split-K's rule
-        // applies (16 groups x 8 row tiles leave a large GPU mostly idle; k slices fill it).
+        // applies (the groups' row tiles alone leave a large GPU mostly idle; k slices fill it).
         matmul_into_with(y, out, &fields, windows, &w.packed, weight, dims, bias, 1.0, act)?;
     }
     Ok(())

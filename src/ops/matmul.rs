@@ -9,8 +9,9 @@
 //! ([`choose_kernel_for`]): subgroup kernels where subgroups have 8 invocations (lavapipe), 64 x 64 tiles staged
 //! in workgroup memory on other hardware GPUs (128 x 128 for tall products, [`matmul_into_tall`]), 4 x 4
 //! register blocks elsewhere. All compute the same sums, bit for bit. On the GPUs that take the tiled kernels,
-//! products of one batch item are also cut along k into slices whose partial products a second pass adds in
-//! order (split-K, [`split_k_for`]): that changes the rounding, never the determinism. [`linear_half`] runs the
+//! products with a long k are also cut along it into slices (an outer batch of the same dispatch) whose
+//! partial products a second pass adds in order (split-K, [`split_k_for`]): that changes the rounding, never
+//! the determinism. [`linear_half`] runs the
 //! same kernels over weights stored in f16 ([`HalfWeight`]).
 
 use std::sync::LazyLock;
@@ -2595,48 +2596,59 @@ mod tests {
             tensor: &tbias,
             batch_stride: stride,
         };
-        // Unsplit, and split-K with the slices an outer batch (k = 132: 2 x 68; 4 x 28 + 20, a shorter last
-        // slice); the 5-slice runs also add to what C holds (the reduction's batch strides and accumulate).
+        // Unsplit, and split-K with the slices an outer batch, into a contiguous C (k = 132: 68 + 64; 4 x 28 + 20,
+        // a shorter last slice) and into C laid out as a grouped convolution's output, the items side by side in
+        // each row (3 x 44, no shorter slice; 4 x 36 + 24). Split runs also add to what C holds (accumulate).
         let prev = random_vec(73, batch * m * n, 1.0);
+        let contiguous = View::row_major(m, n);
+        let side_by_side = View {
+            offset: 0,
+            batch_stride: n,
+            row_stride: batch * n,
+            col_stride: 1,
+        };
+        let layouts = [(contiguous, [1, 2, 5]), (side_by_side, [1, 3, 4])];
         for (kernel, bv) in runs {
-            for split in [1, 2, 5] {
-                let accumulate = split == 5;
-                let act = if accumulate { Activation::None } else { Activation::Gelu };
-                let c = upload(&prev);
-                let views = (View::row_major(m, n), av, bv);
-                launch(
-                    kernel,
-                    split,
-                    &c,
-                    &ta,
-                    &tb,
-                    views,
-                    dims,
-                    Some(per_item),
-                    1.0,
-                    act,
-                    accumulate,
-                )
-                .unwrap();
-                let want: Vec<f64> = (0..batch)
-                    .flat_map(|i| {
+            for (cv, splits) in layouts {
+                for split in splits {
+                    let accumulate = split > 2;
+                    let act = if accumulate { Activation::None } else { Activation::Gelu };
+                    let c = upload(&prev);
+                    let views = (cv, av, bv);
+                    launch(
+                        kernel,
+                        split,
+                        &c,
+                        &ta,
+                        &tb,
+                        views,
+                        dims,
+                        Some(per_item),
+                        1.0,
+                        act,
+                        accumulate,
+                    )
+                    .unwrap();
+                    let mut want: Vec<f64> = prev.iter().map(|&p| if accumulate { p as f64 } else { 0.0 }).collect();
+                    for i in 0..batch {
                         let item = |v: View| View {
                             offset: v.offset + i * v.batch_stride,
                             ..v
                         };
                         let one = MatDims { batch: 1, ..dims };
                         let slice = &bias[i * stride..i * stride + n];
-                        reference::matmul_strided(&a, item(av), &b, item(bv), one, Some(slice), 1.0, act)
-                    })
-                    .zip(&prev)
-                    .map(|(w, &p)| if accumulate { w + p as f64 } else { w })
-                    .collect();
-                assert_close(
-                    &format!("per-item bias {kernel:?}, split {split}"),
-                    &c.to_vec().unwrap(),
-                    &want,
-                    Tol::KERNEL,
-                );
+                        let got = reference::matmul_strided(&a, item(av), &b, item(bv), one, Some(slice), 1.0, act);
+                        for (e, w) in got.into_iter().enumerate() {
+                            want[i * cv.batch_stride + (e / n) * cv.row_stride + e % n] += w;
+                        }
+                    }
+                    assert_close(
+                        &format!("per-item bias {kernel:?}, split {split}, C {cv:?}"),
+                        &c.to_vec().unwrap(),
+                        &want,
+                        Tol::KERNEL,
+                    );
+                }
             }
         }
         let short = upload(&bias[..(batch - 1) * stride + n - 1]);
