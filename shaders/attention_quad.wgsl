@@ -69,7 +69,7 @@ fn add_values(o: vec4<f32>, p0: f32, p1: f32, p2: f32, p3: f32, r0: u32, r1: u32
 }
 
 fn key_valid(item: u32, j: u32) -> bool {
-    return j < ap.t && (ap.masked == 0u || aq_mask[item + min(j, ap.t - 1u)] != 0u);
+    return j < ap.t && (ap.masked == 0u || aq_mask[item + j] != 0u); // && short-circuits: j < T when read
 }
 
 @compute @workgroup_size(64)

@@ -1066,7 +1066,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, check_grad_fd, random_vec, Tol};
+    use crate::ops::testing::{assert_close, calls_per_submission, check_grad_fd, random_vec, Tol};
 
     struct Case {
         q: Vec<f32>,
@@ -1365,10 +1365,7 @@ mod tests {
             let (b, d, heads) = (1, 768, 12);
             let c = case(600 + t as u64, b, t, d);
             let flop = 4.0 * (b * heads * t * t * (d / heads)) as f64;
-            // Several calls per submission (as the layers of a forward), so that one submission's latency does
-            // not count as kernel time: at least BENCH_MIN_GFLOP (default 0.2; the GPU kit sets 20) per timing.
-            let min_flop = 1e9 * std::env::var("BENCH_MIN_GFLOP").map_or(0.2, |r| r.parse::<f64>().unwrap());
-            let reps = (min_flop / flop).ceil().max(1.0) as usize;
+            let reps = calls_per_submission(flop);
             // None: unfused; then each fused kernel.
             let run = |kernel: Option<FusedKernel>| {
                 let start = std::time::Instant::now();

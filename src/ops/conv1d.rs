@@ -1558,7 +1558,7 @@ mod tests {
 mod timing {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::random_vec;
+    use crate::ops::testing::{calls_per_submission, random_vec};
 
     /// User + system CPU time of this process (lavapipe's threads included), from /proc/self/stat.
     fn cpu_seconds() -> f64 {
@@ -1686,10 +1686,7 @@ mod timing {
                     .filter(|&k| vec4_in || !matches!((k, part), (ConvKernel::Subgroup, "forward")))
                     .filter(|&k| vec4_in || !(k == ConvKernel::Matmul && part != "forward"))
                     .collect();
-                // Several calls per submission where one is small, so that a GPU's submission latency does not
-                // count as kernel time: at least BENCH_MIN_GFLOP (default 0.2; the GPU kit sets 2) per timing.
-                let min_flop = std::env::var("BENCH_MIN_GFLOP").map_or(0.2, |r| r.parse::<f64>().unwrap());
-                let reps = (min_flop / flop).ceil().max(1.0) as usize;
+                let reps = calls_per_submission(flop * 1e9); // `flop` counts GFLOP here
                 let time = |kern| {
                     let start = std::time::Instant::now();
                     for _ in 0..reps {

@@ -1430,7 +1430,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, check_grad_fd, random_vec, Tol};
+    use crate::ops::testing::{assert_close, calls_per_submission, check_grad_fd, random_vec, Tol};
 
     /// Every subgroup workgroup shape the tests compare with the other kernels.
     const SG_TILES: [SgTile; 3] = [SgTile::WIDE, SgTile::TALL, SgTile::ONE];
@@ -2504,7 +2504,8 @@ mod tests {
         assert_eq!(rule(d(512, 1536, 3199)), 8); // a conv's weight gradient: k = frames
         assert_eq!(rule(d(499, 768, 383 * 4)), 7); // 1532 / 192
         assert_eq!(rule(d(499, 768, 380)), 1); // too shallow to split
-                                               // Rows, columns and batch items never change it (row chunks of a long input give the same bits).
+
+        // Rows, columns and batch items never change it (row chunks of a long input give the same bits).
         for m in [1, 7, 63, 64, 499, 100_000] {
             assert_eq!(rule(d(m, 3072, 768)), 4);
             assert_eq!(rule(d(m, 4, 768)), 4);
@@ -2778,7 +2779,6 @@ mod tests {
         // the work per timing (default 0.2; a fast GPU needs ~20 for the submission's latency not to count).
         let only = std::env::var("BENCH_ONLY").ok();
         let rounds: usize = std::env::var("BENCH_ROUNDS").map_or(5, |r| r.parse().unwrap());
-        let min_flop = 1e9 * std::env::var("BENCH_MIN_GFLOP").map_or(0.2, |r| r.parse::<f64>().unwrap());
         for (name, dims, av, bv) in cases {
             if only.as_ref().is_some_and(|o| !name.contains(o.as_str())) {
                 continue;
@@ -2819,9 +2819,7 @@ mod tests {
             let picked = choose_kernel_for(gpu, av, bv, dims);
             let picked = (picked, split_k_for(gpu, dims));
             let flop = 2.0 * (batch * m * n * k) as f64;
-            // Small products are recorded several times per submission (as inside a model forward), so that
-            // one submission's latency does not count as kernel time: at least BENCH_MIN_GFLOP per timing.
-            let reps = (min_flop / flop).ceil().max(1.0) as usize;
+            let reps = calls_per_submission(flop);
             let run = |(kern, split): (Kernel, usize)| {
                 for _ in 0..reps {
                     let views = (cv, av, bv);
