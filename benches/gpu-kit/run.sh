@@ -4,11 +4,12 @@
 #   2. the whole test suite on that GPU (every test binary, each under a time limit);
 #   3. the matmul kernels per model shape (register-blocked; workgroup-memory tiled 64 x 64 and 128 x 128, each
 #      with split-K; f16 weights), the inference attention unfused against the fused kernels, and the
-#      convolutions' kernels against their matmul route;
+#      convolutions' kernels against their matmul route (GPU_KIT_KERNEL_BENCHES picks among matmul attention
+#      conv);
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
-#      with each choice forced the other way (fused attention, the positional conv's route, q/k/v packing, bind
-#      group reuse, tiling); the teacher with f16 linear weights;
-#      then PyTorch eager on the same GPU (f32, and f16 for the teacher forward);
+#      with each choice forced the other way (submission chunks, fused attention, the positional conv's route,
+#      q/k/v packing, bind group reuse, tiling); the teacher with f16 linear weights;
+#      then PyTorch eager on the same GPU (f32, GPU_KIT_TORCH_ROUNDS times, and f16 for the teacher forward);
 #   5. one profiled run of each, for where the time goes (GPU time per kernel from timestamp queries).
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
 # back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
@@ -88,20 +89,28 @@ for t in "$kbin"/bin/test-*; do
     esac
 done
 
+# GPU_KIT_KERNEL_BENCHES: which of the kernel benches (matmul attention conv) step 3 runs.
+kernel_benches=${GPU_KIT_KERNEL_BENCHES:-matmul attention conv}
+if [[ " $kernel_benches " == *" matmul "* ]]; then
 say "== 3. matmul kernels per shape (GFLOP/s; the first column is the register-blocked kernel)"
 BENCH_ROUNDS=5 BENCH_MIN_GFLOP=${BENCH_MIN_GFLOP:-20} timeout 120 "$kbin/bin/test-lib" --ignored --nocapture --exact \
     ops::matmul::tests::bench_kernels_model_shapes > "$logs/matmul.log" 2>&1
 grep "GFLOP" "$logs/matmul.log" >> "$summary"
+fi
 
+if [[ " $kernel_benches " == *" attention "* ]]; then
 say "== 3b. attention for inference: unfused against the fused kernels (ms; GFLOP/s)"
-BENCH_MIN_GFLOP=${BENCH_ATTENTION_MIN_GFLOP:-2} timeout 60 "$kbin/bin/test-lib" --ignored --nocapture --exact \
+BENCH_T=${BENCH_T:-49,72,99,149,499} BENCH_MIN_GFLOP=${BENCH_ATTENTION_MIN_GFLOP:-2} timeout 60 "$kbin/bin/test-lib" --ignored --nocapture --exact \
     ops::attention::tests::bench_attention_fused_vs_unfused > "$logs/attention.log" 2>&1
 grep "attention B=" "$logs/attention.log" >> "$summary"
+fi
 
+if [[ " $kernel_benches " == *" conv "* ]]; then
 say "== 3c. convolutions: the 4 x 4 kernels against the matmul route (GFLOP/s)"
 BENCH_MIN_GFLOP=${BENCH_CONV_MIN_GFLOP:-2} timeout 90 "$kbin/bin/test-lib" --ignored --nocapture --exact \
     ops::conv1d::timing::bench_conv_kernels_model_shapes > "$logs/conv.log" 2>&1
 grep "GFLOP" "$logs/conv.log" >> "$summary"
+fi
 
 fi # not quick
 
@@ -110,13 +119,15 @@ teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
-# The kernels chosen by default, then with one choice forced at a time: the quad attention kernel off (the
-# unfused path), the positional conv on the 4 x 4 conv kernel instead of the (batched, split) matmul route, q, k,
-# v as three products (the frozen teacher's packing off), a fresh bind group for every dispatch (the host's
-# cost before bind groups were reused), and the tiled matmul off. (Session 6 measured tile size and split-K:
-# WGPU_MLKD_MATMUL_TILE=128 and WGPU_MLKD_MATMUL_SPLIT_K=1 still force them; GPU_KIT_VARIANTS replaces the list.)
-variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_NO_FUSED_ATTENTION=1 WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_QKV_PACKING=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_MATMUL_TILED=0"}
-[ -n "$quick" ] && variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_NO_FUSED_ATTENTION=1 WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1"}
+# The kernels chosen by default, then with one choice forced at a time: one submission per run instead of one
+# every 32 commands (the GPU then starts only once the host has recorded everything), the quad attention kernel
+# at every length (by default only up to T = 96), the positional conv on the 4 x 4 conv kernel instead of the
+# (batched, split) matmul route, q, k, v as three products (the frozen teacher's packing off), a fresh bind
+# group for every dispatch (the host's cost before bind groups were reused), and the tiled matmul off.
+# (Session 6 measured tile size and split-K: WGPU_MLKD_MATMUL_TILE=128 and WGPU_MLKD_MATMUL_SPLIT_K=1 still
+# force them; GPU_KIT_VARIANTS replaces the list.)
+variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_SUBMIT_EVERY=0 WGPU_MLKD_FUSED_ATTENTION=quad WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_QKV_PACKING=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_MATMUL_TILED=0"}
+[ -n "$quick" ] && variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_SUBMIT_EVERY=0 WGPU_MLKD_FUSED_ATTENTION=quad WGPU_MLKD_NO_BIND_GROUP_CACHE=1"}
 for variant in $variants; do
     log=$logs/ours-$variant.log
     (
@@ -133,10 +144,14 @@ timeout 90 "$bin" bench teacher --teacher "$teacher" --seconds 10 --repeat ${REP
 say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds_per_audio_second "$log") s/audio-s; \
 $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 }
-dtypes=(float32 float16 "float32 --no-tf32")
+# GPU_KIT_TORCH_ROUNDS: how many times the f32 teacher runs (PyTorch eager is host-bound here, and its figure
+# moved by a third between two processes in session 10).
+dtypes=()
+for _ in $(seq "${GPU_KIT_TORCH_ROUNDS:-1}"); do dtypes+=(float32); done
+dtypes+=(float16 "float32 --no-tf32")
 [ -n "$quick" ] && dtypes=(float32 "float32 --no-tf32")
 for dtype in "${dtypes[@]}"; do
-    log=$logs/torch-teacher-${dtype// /}.log
+    log=$logs/torch-teacher-${dtype// /}-$(date +%s%N).log
     # shellcheck disable=SC2086 # "float32 --no-tf32" is two arguments
     timeout 90 python3 benches/pytorch_teacher.py --teacher "$teacher" --seconds 10 --repeat ${REPEAT:-20} --device cuda \
         --dtype $dtype > "$log" 2>&1

@@ -2,9 +2,10 @@
 //! the GPU tensor type. Everything above this module (ops, models) records kernels through [`Gpu::dispatch`]
 //! and never sees a wgpu object.
 //!
-//! Execution model: every op *records* its dispatches into one pending command list; nothing reaches the GPU
-//! until a readback (`Tensor::to_vec`) or an explicit [`Gpu::flush`]. A whole model forward is therefore one
-//! command encoder and one submission. Host-to-GPU uploads are recorded too (as copies from a staging
+//! Execution model: every op *records* its dispatches into one pending command list, submitted at a readback
+//! (`Tensor::to_vec`), an explicit [`Gpu::flush`], and every [`GpuOptions::submit_every`] commands (so the GPU
+//! starts on a forward's first kernels while the host records the rest). The host never waits inside a model
+//! forward or a training step: it waits only where it reads a result back. Host-to-GPU uploads are recorded too (as copies from a staging
 //! buffer), so a pooled buffer that is freed and reused while commands are pending is always written in
 //! program order. Each dispatch's parameters take a slot of one uniform buffer, bound at a dynamic offset, so
 //! its bind group depends only on its buffers and is made once (`bind.rs`): the second run of a model records
@@ -17,7 +18,10 @@ mod pool;
 mod tensor;
 
 pub use bind::NO_BIND_GROUP_CACHE_ENV;
-pub use context::{AdapterSummary, BackendChoice, Gpu, GpuOptions, HostStats, KernelProfile, PROFILE_ENV};
+pub use context::{
+    AdapterSummary, BackendChoice, Gpu, GpuOptions, HostStats, KernelProfile, DEFAULT_SUBMIT_EVERY, PROFILE_ENV,
+    SUBMIT_EVERY_ENV,
+};
 pub use pipeline::Shader;
 pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
@@ -61,11 +65,14 @@ mod tests {
         (g, z)
     }
 
-    /// A device of its own whose bind groups are counted from zero: the cache on, or off (`fresh`).
+    /// A device of its own whose bind groups are counted from zero: the cache on, or off (`fresh`). Every
+    /// command waits for a flush (`submit_every` 0), so a submission may hold more dispatches than the
+    /// parameter buffer's first size.
     fn counting_gpu(fresh_bind_groups: bool) -> Gpu {
         Gpu::new(&GpuOptions {
             fresh_bind_groups,
             profile: false,
+            submit_every: 0,
             ..GpuOptions::from_env()
         })
         .unwrap()

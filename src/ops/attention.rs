@@ -82,12 +82,12 @@ fn portable_fits(gpu: &Gpu) -> bool {
 
 /// The fused kernel [`self_attention_inference`] takes on this adapter, if any: the subgroup one where
 /// subgroups have 8 invocations (lavapipe, where it beats the unfused path), else the quad one on hardware
-/// GPUs with subgroups of 4 or more. Never the portable one: on an H100 it ran
+/// GPUs with subgroups of 4 or more (for sequences of at most [`QUAD_LONGEST_T`]: see
+/// [`fused_kernel_for_len`]). Never the portable one: on an H100 it ran
 /// at 0.24-0.58x of the unfused path (T = 499..49; benches/RESULTS.md, "H100"): 64 query rows per workgroup
 /// left most of the GPU idle (96 workgroups for 12 heads at T = 499), and its per-invocation arrays may live
-/// in local memory. The quad kernel has 4 invocations per row and no arrays; it is not yet measured on a GPU
-/// (the GPU kit compares it with the unfused path, `WGPU_MLKD_NO_FUSED_ATTENTION=1`). The portable kernel
-/// stays for [`self_attention_fused_with`] and its tests, and for a GPU where it may win.
+/// in local memory. The portable kernel stays for [`self_attention_fused_with`] and its tests, and for a GPU
+/// where it may win.
 pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
     if let Some(kernel) = forced_fused_kernel().filter(|&k| runs_on(gpu, k)) {
         return Some(kernel);
@@ -99,6 +99,24 @@ pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
     } else {
         None
     }
+}
+
+/// The longest sequence the quad kernel takes unless `WGPU_MLKD_FUSED_ATTENTION=quad` forces it. On an H100
+/// (benches/RESULTS.md, "H100, session 10") it ran at 1.39x the unfused path at T = 49 but 0.72x at T = 149 and
+/// 0.74x at T = 499: its 16 query rows per workgroup, each walking every key, give 12 heads at T = 499 only 384
+/// workgroups, where the unfused path's tiled products fill the GPU.
+pub const QUAD_LONGEST_T: usize = 96;
+
+/// The fused kernel [`self_attention_inference`] takes for sequences of `t` frames: [`fused_kernel_for`], but
+/// not the quad kernel past [`QUAD_LONGEST_T`] unless forced (the unfused path then).
+pub fn fused_kernel_for_len(gpu: &Gpu, t: usize) -> Option<FusedKernel> {
+    let kernel = fused_kernel_for(gpu)?;
+    takes_len(kernel, forced_fused_kernel() == Some(kernel), t).then_some(kernel)
+}
+
+/// Whether `kernel` (`forced` by the environment or not) runs sequences of `t` frames.
+fn takes_len(kernel: FusedKernel, forced: bool, t: usize) -> bool {
+    kernel != FusedKernel::Quad || forced || t <= QUAD_LONGEST_T
 }
 
 /// The environment variable that picks the fused kernel (`subgroup`, `quad` or `portable`) wherever the
@@ -154,10 +172,15 @@ fn fused_attention_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var_os("WGPU_MLKD_NO_FUSED_ATTENTION").is_none())
 }
 
-/// Whether [`self_attention_inference`] runs a fused kernel for `heads` heads over `d` on this adapter (else the
-/// unfused path).
+/// Whether [`self_attention_inference`] can run a fused kernel for `heads` heads over `d` on this adapter (else
+/// the unfused path), for some sequence length.
 pub fn inference_is_fused(gpu: &Gpu, d: usize, heads: usize) -> bool {
     fused_attention_enabled() && fused_attention_supported(gpu, d, heads)
+}
+
+/// The fused kernel [`self_attention_inference`] runs for `heads` heads over `d` and `t` frames, if any.
+fn inference_kernel(gpu: &Gpu, d: usize, heads: usize, t: usize) -> Option<FusedKernel> {
+    fused_kernel_for_len(gpu, t).filter(|_| inference_is_fused(gpu, d, heads))
 }
 
 /// Whether the inference attention for `heads` heads over `d` on this adapter can read q, k, v as the column
@@ -178,7 +201,8 @@ pub fn self_attention_inference(
     key_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
     let d = q.shape().last().copied().unwrap_or(0);
-    if inference_is_fused(q.gpu(), d, heads) {
+    let t = q.shape().get(1).copied().unwrap_or(0);
+    if inference_kernel(q.gpu(), d, heads, t).is_some() {
         self_attention_fused(q, k, v, heads, key_mask)
     } else {
         self_attention(q, k, v, heads, key_mask)
@@ -561,10 +585,8 @@ pub fn self_attention_packed(qkv: &Tensor, heads: usize, key_mask: Option<&Tenso
     let d = d3 / 3;
     check_heads_and_mask(what, b, t, d, heads, key_mask)?;
     let gpu = qkv.gpu();
-    if inference_is_fused(gpu, d, heads) {
-        if let Some(kernel) = fused_kernel_for(gpu).filter(|&k| reads_packed(k)) {
-            return fused_forward(what, kernel, Inputs::packed(qkv, d), (b, t, d), heads, key_mask);
-        }
+    if let Some(kernel) = inference_kernel(gpu, d, heads, t).filter(|&k| reads_packed(k)) {
+        return fused_forward(what, kernel, Inputs::packed(qkv, d), (b, t, d), heads, key_mask);
     }
     let budget = gpu.max_binding_bytes();
     let (out, _) = forward(Inputs::packed(qkv, d), (b, t, d), heads, key_mask, None, false, budget)?;
@@ -1312,6 +1334,19 @@ mod tests {
                     assert!(from_packed == got, "{name}: packed q, k, v changed the result");
                 }
             }
+        }
+    }
+
+    /// The quad kernel takes sequences up to `QUAD_LONGEST_T` frames unless forced; the others take any.
+    #[test]
+    fn quad_kernel_takes_short_sequences_unless_forced() {
+        for t in [1, 49, QUAD_LONGEST_T] {
+            assert!(takes_len(FusedKernel::Quad, false, t), "T = {t}");
+        }
+        for t in [QUAD_LONGEST_T + 1, 499] {
+            assert!(!takes_len(FusedKernel::Quad, false, t), "T = {t}");
+            assert!(takes_len(FusedKernel::Quad, true, t), "T = {t}, forced");
+            assert!(takes_len(FusedKernel::Subgroup, false, t) && takes_len(FusedKernel::Portable, false, t));
         }
     }
 

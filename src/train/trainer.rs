@@ -234,7 +234,7 @@ impl<'a> Trainer<'a> {
         let DistillStep { loss, grad_norm: norm } =
             distill_step(&self.student, &mut self.opt, &wave, &targets, &settings)?;
 
-        // The logged scalars are gathered on the GPU and read back together: the step is one submission.
+        // The logged scalars are gathered on the GPU and read back together: the host waits once per step.
         let heads = loss.l1.len();
         let mut scalars: Vec<&Tensor> = vec![loss.total.value()];
         scalars.extend(loss.l1.iter().map(|v| v.value()));
