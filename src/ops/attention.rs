@@ -102,10 +102,10 @@ pub fn fused_kernel_for(gpu: &Gpu) -> Option<FusedKernel> {
 }
 
 /// The longest sequence the quad kernel takes unless `WGPU_MLKD_FUSED_ATTENTION=quad` forces it. On an H100
-/// (benches/RESULTS.md, "H100, session 10") it ran at 1.39x the unfused path at T = 49 but 0.72x at T = 149 and
-/// 0.74x at T = 499: its 16 query rows per workgroup, each walking every key, give 12 heads at T = 499 only 384
-/// workgroups, where the unfused path's tiled products fill the GPU.
-pub const QUAD_LONGEST_T: usize = 96;
+/// (benches/RESULTS.md, "H100, session 10"; 12 heads) it ran at 1.19-1.39x the unfused path at T = 49 but 0.84x
+/// at T = 72, 0.75x at 99 and 0.68-0.74x at 149 and 499: its 16 query rows per workgroup, each walking every
+/// key, give 12 heads at T = 499 only 384 workgroups, where the unfused path's tiled products fill the GPU.
+pub const QUAD_LONGEST_T: usize = 64;
 
 /// The fused kernel [`self_attention_inference`] takes for sequences of `t` frames: [`fused_kernel_for`], but
 /// not the quad kernel past [`QUAD_LONGEST_T`] unless forced (the unfused path then).
