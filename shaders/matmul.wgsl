@@ -263,21 +263,8 @@ fn matmul_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgro
 const WT: u32 = 64u;   // rows and columns of C per workgroup (Kernel::Tiled* in src/ops/matmul.rs)
 const WT_K: u32 = 16u; // k steps per staged chunk
 
-// The staged chunks: k step p's 16 vec4 at [p * stride], stride 16 or (matmul_tiled_nt4_forward from version 2
-// on) 17, a vec4 of padding per k step, so that staging stores from 16 rows at two k steps hit 32 distinct
-// banks.
-var<workgroup> wt_a: array<vec4<f32>, 272>; // (WT_K, 17)
-var<workgroup> wt_b: array<vec4<f32>, 272>; // (WT_K, 17)
-
-// Which version of matmul_tiled_nt4_forward runs (its results are the same bits in each; chosen in
-// src/ops/matmul.rs, `WGPU_MLKD_TILED_NT4_VARIANT`, for measuring on a GPU):
-//   0: as first written (one invocation stages 4 k steps of one row: 4-way bank conflicts on NVIDIA's 32
-//      banks; a k loop of run-time length; a warp computes 2 x 16 blocks: 3 shared-memory wavefronts per step);
-//   1: full chunks in a loop of constant length (the driver can unroll it);
-//   2: and a warp stages 16 rows x 2 k quads into padded rows (no bank conflicts; 32-byte pieces of each row
-//      loaded from global memory);
-//   3: and a warp computes 4 x 8 blocks (4 + 8 distinct vec4 per k step: 2 wavefronts).
-override TILED_NT4_VARIANT: u32 = 3u;
+var<workgroup> wt_a: array<vec4<f32>, 256>; // (WT_K, WT / 4)
+var<workgroup> wt_b: array<vec4<f32>, 256>; // (WT_K, WT / 4)
 
 // (batch, first row, first column) of the workgroup's tile.
 fn tiled_origin(wg: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
@@ -287,26 +274,24 @@ fn tiled_origin(wg: vec3<u32>, nwg: vec3<u32>) -> vec3<u32> {
     return vec3<u32>(wid / per_batch, (r / mp.tiles_n) * WT, (r % mp.tiles_n) * WT);
 }
 
-// Staging of one row-quad's four k values (a vec4 along k), transposed: k step p0 + c goes to
-// wt[(p0 + c) * s + row / 4], with a stride `s` of 16 or 17 vec4 per k step. Multiply-adds over the staged chunk
-// (kn <= WT_K steps) into one invocation's 4 x 4 block, and the same over a full chunk in a loop of constant
-// length (matmul_tiled_nt4_forward from version 1).
-fn stage_a_strided(row: u32, p0: u32, v: vec4<f32>, s: u32) {
+// Stage one row-quad's four k values (a vec4 along k) transposed: k step p0 + c goes to wt[(p0 + c) * 16 + row / 4].
+fn stage_a_along_k(row: u32, p0: u32, v: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
-        wt_a[(p0 + c) * s + row / 4u][row % 4u] = v[c];
+        wt_a[(p0 + c) * 16u + row / 4u][row % 4u] = v[c];
     }
 }
 
-fn stage_b_strided(col: u32, p0: u32, v: vec4<f32>, s: u32) {
+fn stage_b_along_k(col: u32, p0: u32, v: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
-        wt_b[(p0 + c) * s + col / 4u][col % 4u] = v[c];
+        wt_b[(p0 + c) * 16u + col / 4u][col % 4u] = v[c];
     }
 }
 
-fn tiled_chunk_strided(kn: u32, ty: u32, tx: u32, s: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+// Multiply-adds over the staged chunk (kn <= WT_K steps) into one invocation's 4 x 4 block.
+fn tiled_chunk(kn: u32, ty: u32, tx: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
     for (var p = 0u; p < kn; p++) {
-        let x = wt_a[p * s + ty];
-        let y = wt_b[p * s + tx];
+        let x = wt_a[p * 16u + ty];
+        let y = wt_b[p * 16u + tx];
         (*acc)[0] = fma(vec4<f32>(x.x), y, (*acc)[0]);
         (*acc)[1] = fma(vec4<f32>(x.y), y, (*acc)[1]);
         (*acc)[2] = fma(vec4<f32>(x.z), y, (*acc)[2]);
@@ -314,18 +299,7 @@ fn tiled_chunk_strided(kn: u32, ty: u32, tx: u32, s: u32, acc: ptr<function, arr
     }
 }
 
-fn tiled_chunk_full(ty: u32, tx: u32, s: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
-    for (var p = 0u; p < WT_K; p++) {
-        let x = wt_a[p * s + ty];
-        let y = wt_b[p * s + tx];
-        (*acc)[0] = fma(vec4<f32>(x.x), y, (*acc)[0]);
-        (*acc)[1] = fma(vec4<f32>(x.y), y, (*acc)[1]);
-        (*acc)[2] = fma(vec4<f32>(x.z), y, (*acc)[2]);
-        (*acc)[3] = fma(vec4<f32>(x.w), y, (*acc)[3]);
-    }
-}
-
-// A and B contiguous along k (the layout of matmul_nt4_forward); TILED_NT4_VARIANT picks the version.
+// A and B contiguous along k (the layout of matmul_nt4_forward).
 @compute @workgroup_size(256)
 fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                             @builtin(local_invocation_index) li: u32) {
@@ -333,29 +307,14 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
     if (o.x >= mp.batch) {
         return; // the whole workgroup is past the end of a folded grid (uniform: no barrier is skipped by some)
     }
-    let version = TILED_NT4_VARIANT;
-    let s = select(16u, 17u, version >= 2u);
-    // Loading role: row (or column) lr of the tile, k steps lq..lq+3 of the chunk. Version 0: row li / 4, quad
-    // li % 4; from 2, a group of 32 invocations (w, lane l) covers rows 16 (w % 4).. by l % 16, quads 2 (w / 4)..
-    // by l / 16.
-    let w = li / 32u;
-    let l = li % 32u;
-    var lr = li / 4u;
-    var lq = (li % 4u) * 4u;
-    if (version >= 2u) {
-        lr = (w % 4u) * 16u + l % 16u;
-        lq = ((w / 4u) * 2u + l / 16u) * 4u;
-    }
+    // Loading role: row (or column) li / 4 of the tile, k quad li % 4 of the chunk.
+    let lr = li / 4u;
+    let lq = (li % 4u) * 4u;
     let a_row = (a_at(o.x) + min(o.y + lr, mp.m - 1u) * mp.a_rs) / 4u;
     let b_col = (b_at(o.x) + min(o.z + lr, mp.n - 1u) * mp.b_cs) / 4u;
-    // Computing role: rows o.y + 4 ty.., columns o.z + 4 tx... Until version 3: ty = li / 16, tx = li % 16;
-    // from 3, group w covers ty 4 (w / 2).. by l / 8 and tx 8 (w % 2).. by l % 8.
-    var ty = li / 16u;
-    var tx = li % 16u;
-    if (version >= 3u) {
-        ty = (w / 2u) * 4u + l / 8u;
-        tx = (w % 2u) * 8u + l % 8u;
-    }
+    // Computing role: rows o.y + 4 ty.., columns o.z + 4 tx...
+    let ty = li / 16u;
+    let tx = li % 16u;
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     // The next chunk's values are loaded into registers before the current chunk's multiply-adds, so their
     // global-memory latency overlaps the arithmetic instead of stalling at the barrier.
@@ -366,8 +325,8 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
         vb = load_b4(b_col + lq / 4u);
     }
     for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
-        stage_a_strided(lr, lq, va, s);
-        stage_b_strided(lr, lq, vb, s);
+        stage_a_along_k(lr, lq, va);
+        stage_b_along_k(lr, lq, vb);
         workgroupBarrier();
         let next = k0 + WT_K + lq;
         va = vec4<f32>(0.0);
@@ -376,12 +335,7 @@ fn matmul_tiled_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
             va = mm_a4[a_row + next / 4u];
             vb = load_b4(b_col + next / 4u);
         }
-        let kn = min(WT_K, mp.k - k0);
-        if (version >= 1u && kn == WT_K) {
-            tiled_chunk_full(ty, tx, s, &acc);
-        } else {
-            tiled_chunk_strided(kn, ty, tx, s, &acc);
-        }
+        tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
         workgroupBarrier();
     }
     store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);
@@ -426,7 +380,7 @@ fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
         vb = load_b4(b_quad + bp * brs);
     }
     for (var k0 = 0u; k0 < mp.k; k0 += WT_K) {
-        stage_a_strided(lr, lq, va, 16u);
+        stage_a_along_k(lr, lq, va);
         wt_b[bp * 16u + bq] = vb;
         workgroupBarrier();
         let next = k0 + WT_K;
@@ -435,7 +389,7 @@ fn matmul_tiled_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_w
         if (next + bp < mp.k) {
             vb = load_b4(b_quad + (next + bp) * brs);
         }
-        tiled_chunk_strided(min(WT_K, mp.k - k0), ty, tx, 16u, &acc);
+        tiled_chunk(min(WT_K, mp.k - k0), ty, tx, &acc);
         workgroupBarrier();
     }
     store_block(vec3<u32>(o.x, o.y + 4u * ty, o.z + 4u * tx), acc[0], acc[1], acc[2], acc[3]);

@@ -126,15 +126,14 @@ teacher=/tmp/gpu-kit-teacher
 python3 benches/make_random_teacher.py "$teacher" > "$logs/make_teacher.log" 2>&1 || say "making the teacher failed"
 # The figure a bench printed last, or the end of its log when it printed none.
 value() { grep -E "^$1=" "$2" | tail -1 | cut -d= -f2 | grep . || echo "(none: $(tail -2 "$2" | tr '\n' ' '))"; }
-# The kernels chosen by default, then with one choice forced at a time: the 64 x 64 tiled kernel of the linear
-# layers as first written (shaders/matmul.wgsl, TILED_NT4_VARIANT), one submission per run instead of one
+# The kernels chosen by default, then with one choice forced at a time: one submission per run instead of one
 # every 32 commands (the GPU then starts only once the host has recorded everything), the quad attention kernel
 # at every length (by default only up to T = 64), the positional conv on the 4 x 4 conv kernel instead of the
 # (batched, split) matmul route, q, k, v as three products (the frozen teacher's packing off), a fresh bind
 # group for every dispatch (the host's cost before bind groups were reused), and the tiled matmul off.
 # (Session 6 measured tile size and split-K: WGPU_MLKD_MATMUL_TILE=128 and WGPU_MLKD_MATMUL_SPLIT_K=1 still
 # force them; GPU_KIT_VARIANTS replaces the list.)
-variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_TILED_NT4_VARIANT=0 WGPU_MLKD_SUBMIT_EVERY=0 WGPU_MLKD_FUSED_ATTENTION=quad WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_QKV_PACKING=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_MATMUL_TILED=0"}
+variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_SUBMIT_EVERY=0 WGPU_MLKD_FUSED_ATTENTION=quad WGPU_MLKD_NO_GROUPED_CONV_MATMUL=1 WGPU_MLKD_NO_QKV_PACKING=1 WGPU_MLKD_NO_BIND_GROUP_CACHE=1 WGPU_MLKD_MATMUL_TILED=0"}
 [ -n "$quick" ] && variants=${GPU_KIT_VARIANTS:-"default WGPU_MLKD_SUBMIT_EVERY=0 WGPU_MLKD_FUSED_ATTENTION=quad WGPU_MLKD_NO_BIND_GROUP_CACHE=1"}
 for variant in $variants; do
     log=$logs/ours-$variant.log

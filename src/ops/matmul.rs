@@ -243,10 +243,6 @@ impl Kernel {
             Kernel::SgNt4(t) | Kernel::SgNn4(t) | Kernel::SgNt4F16b(t) => {
                 vec![("SG_WR", t.rows as f64), ("SG_WC", t.cols as f64)]
             }
-            Kernel::TiledNt4 | Kernel::TiledNt4F16b => match tiled_nt4_variant() {
-                Some(v) => vec![("TILED_NT4_VARIANT", v as f64)],
-                None => Vec::new(),
-            },
             _ => Vec::new(),
         }
     }
@@ -405,25 +401,6 @@ pub fn choose_kernel_for(gpu: &crate::gpu::Gpu, a: View, b: View, dims: MatDims)
         Kernel::Nn4 => Kernel::SgNn4(tile),
         other => other,
     }
-}
-
-/// The environment variable that picks a version of the 64 x 64 tiled kernel for the `Nt4` layout
-/// (`TILED_NT4_VARIANT` in `shaders/matmul.wgsl`, 0-3; the same bits from each), instead of the shader's
-/// default, for measuring them against each other on a GPU.
-pub const TILED_NT4_VARIANT_ENV: &str = "WGPU_MLKD_TILED_NT4_VARIANT";
-
-/// The version `WGPU_MLKD_TILED_NT4_VARIANT` names, if any (read once per process).
-fn tiled_nt4_variant() -> Option<u32> {
-    use std::sync::OnceLock;
-    static FORCED: OnceLock<Option<u32>> = OnceLock::new();
-    *FORCED.get_or_init(|| {
-        std::env::var(TILED_NT4_VARIANT_ENV)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-            .filter(|&v| v <= 3)
-    })
 }
 
 /// The environment variable that forces split-K (`N`: k cut into N slices where it has at least 4 N steps; `1`
