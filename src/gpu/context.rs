@@ -69,9 +69,11 @@ pub struct GpuOptions {
 }
 
 /// How many commands [`GpuOptions::submit_every`] gathers into one submission unless `WGPU_MLKD_SUBMIT_EVERY`
-/// says otherwise: small enough that the GPU starts early (32 dispatches take the host ~0.3 ms to record on an
-/// H100 machine, where a whole teacher forward took 1.4 ms to record before its one submission), large enough
-/// that a submission's own cost (tens of microseconds) stays small beside the kernels it carries.
+/// says otherwise: small enough that the GPU starts early (the host takes 1.3-1.5 ms to record a whole teacher
+/// forward on the H100's machine, ~7 us a dispatch), large enough that a submission's own cost stays small
+/// beside the kernels it carries. On the H100 (benches/RESULTS.md, "H100, session 10") 32 took the teacher
+/// forward from 14.5 to 13.5 ms and the training step from 16.0 to 13.9 ms; 8 (14.0, 14.9 ms) and 128 (14.0,
+/// 14.2 ms) did less well.
 pub const DEFAULT_SUBMIT_EVERY: usize = 32;
 
 /// The environment variable that sets [`GpuOptions::submit_every`].
