@@ -9,7 +9,8 @@
 #   4. the teacher forward (10 s) and the training step (batch 2 x 2 s) with the kernels chosen by default and
 #      with each choice forced the other way (submission chunks, fused attention, the positional conv's route,
 #      q/k/v packing, bind group reuse, tiling); the teacher with f16 linear weights;
-#      then PyTorch eager on the same GPU (f32, GPU_KIT_TORCH_ROUNDS times, and f16 for the teacher forward);
+#      then PyTorch eager on the same GPU (f32, GPU_KIT_TORCH_ROUNDS times but once in quick mode, and f16 for
+#      the teacher forward);
 #   5. one profiled run of each, for where the time goes (GPU time per kernel from timestamp queries).
 # Results go to $OUT (default ./gpu-kit-out): summary.txt, and every log in logs.tar.gz (the device tool brings
 # back at most 8 files). Each step has a time limit so that the whole fits one device call (about 7 minutes on
@@ -65,8 +66,8 @@ if ! grep -q "^selected:" "$logs/devices.txt" || { [ -z "${GPU_KIT_ALLOW_CPU:-}"
     exit 1
 fi
 
-# GPU_KIT_QUICK=1: only the whole workloads, by default and with the tiled matmul off, beside PyTorch (for a
-# last check when little device time is left).
+# GPU_KIT_QUICK=1: no tests and no kernel benches; the whole workloads with the quick list of variants and
+# with the tiled matmul off, beside PyTorch f32 (for a last check when little device time is left).
 quick=${GPU_KIT_QUICK:-}
 if [ -z "$quick" ]; then
 say "== 2. tests on the GPU"
@@ -90,7 +91,7 @@ for t in "$kbin"/bin/test-*; do
 done
 
 # GPU_KIT_KERNEL_BENCHES: which of the kernel benches (matmul attention conv) step 3 runs.
-kernel_benches=${GPU_KIT_KERNEL_BENCHES:-matmul attention conv}
+kernel_benches=${GPU_KIT_KERNEL_BENCHES-matmul attention conv} # set but empty: none
 if [[ " $kernel_benches " == *" matmul "* ]]; then
 # GPU_KIT_MATMUL_ENVS: one run per setting ("default", or VAR=value), e.g. to compare kernel versions; BENCH_ONLY
 # (a part of a case name) picks cases.
@@ -152,7 +153,7 @@ say "wgpu-mlkd, f16 linear weights: teacher 10 s $(value teacher_forward_seconds
 $(grep -E "GFLOP/s effective|peak GPU" "$log" | tr '\n' ' ')"
 }
 # GPU_KIT_TORCH_ROUNDS: how many times the f32 teacher runs (PyTorch eager is host-bound here, and its figure
-# moved by a third between two processes in session 10).
+# ranged over 7.2-11.8 ms across processes in session 10).
 dtypes=()
 for _ in $(seq "${GPU_KIT_TORCH_ROUNDS:-1}"); do dtypes+=(float32); done
 dtypes+=(float16 "float32 --no-tf32")

@@ -6,7 +6,7 @@
 //! estimated size and refuse when the disk lacks room; then run the teacher, a shard at a time. A shard is a
 //! deterministic group of consecutive utterances (at most `--max-shard-utterances` and about
 //! `--max-shard-mb`), so an interrupted run that resumes produces exactly the shards an uninterrupted run
-//! does. Each shard's forwards are recorded back to back and read back together (one GPU submission per
+//! does. Each shard's forwards are recorded back to back and read back together (one wait for the GPU per
 //! shard); each utterance runs alone, unpadded, so the numbers equal `extract`'s.
 
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ pub struct Args {
     /// Do not normalise the waveform
     #[arg(long, overrides_with = "normalize")]
     no_normalize: bool,
-    /// Most utterances per shard file (a shard is the unit of resumption and of GPU submission)
+    /// Most utterances per shard file (a shard is the unit of resumption and of reading back)
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_shard_utterances: usize,
     /// Approximate largest shard file in MiB (one longer utterance makes a shard of its own)

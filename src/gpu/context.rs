@@ -61,16 +61,18 @@ pub struct GpuOptions {
     /// Every dispatch makes its own bind group instead of reusing the one made for the same buffers
     /// (`WGPU_MLKD_NO_BIND_GROUP_CACHE=1`): only for measuring what the reuse saves.
     pub fresh_bind_groups: bool,
-    /// Pending commands are submitted whenever this many have been recorded (`WGPU_MLKD_SUBMIT_EVERY`, default
-    /// [`DEFAULT_SUBMIT_EVERY`]; 0 submits only at a flush or readback), so that the GPU starts on the first
-    /// kernels of a forward or training step while the host still records the rest. Submissions stay in
-    /// program order on the one queue, so results do not change.
-    pub submit_every: usize,
+    /// Pending commands are submitted whenever this many have been recorded (`WGPU_MLKD_SUBMIT_EVERY`; 0
+    /// submits only at a flush or readback), so that the GPU starts on the first kernels of a forward or
+    /// training step while the host still records the rest. Submissions stay in program order on the one
+    /// queue, so results do not change. `None`: [`DEFAULT_SUBMIT_EVERY`] on hardware GPUs, 0 on CPU drivers,
+    /// where the "GPU" is the host's own cores (lavapipe, whose submit also blocks until the previous one has
+    /// run, so the host's time per dispatch would count the kernels').
+    pub submit_every: Option<usize>,
 }
 
-/// How many commands [`GpuOptions::submit_every`] gathers into one submission unless `WGPU_MLKD_SUBMIT_EVERY`
-/// says otherwise: small enough that the GPU starts early (the host takes 1.3-1.5 ms to record a whole teacher
-/// forward on the H100's machine, ~7 us a dispatch), large enough that a submission's own cost stays small
+/// How many commands [`GpuOptions::submit_every`] gathers into one submission on a hardware GPU unless
+/// `WGPU_MLKD_SUBMIT_EVERY` says otherwise: small enough that the GPU starts early (the host takes 1.3-1.5 ms
+/// to record a whole teacher forward on the H100's machine, ~7 us a dispatch), large enough that a submission's own cost stays small
 /// beside the kernels it carries. On the H100 (benches/RESULTS.md, "H100, session 10") 32 took the teacher
 /// forward from 14.5 to 13.5 ms and the training step from 16.0 to 13.9 ms; 8 (14.0, 14.9 ms) and 128 (14.0,
 /// 14.2 ms) did less well.
@@ -79,9 +81,19 @@ pub const DEFAULT_SUBMIT_EVERY: usize = 32;
 /// The environment variable that sets [`GpuOptions::submit_every`].
 pub const SUBMIT_EVERY_ENV: &str = "WGPU_MLKD_SUBMIT_EVERY";
 
+/// `WGPU_MLKD_SUBMIT_EVERY` as a count; a value that is not one is reported and ignored (the adapter's default).
+fn submit_every_from_env() -> Option<usize> {
+    let v = std::env::var(SUBMIT_EVERY_ENV).ok()?;
+    let parsed = v.trim().parse().ok();
+    if parsed.is_none() {
+        eprintln!("warning: {SUBMIT_EVERY_ENV}={v:?} is not a whole number of commands; ignored");
+    }
+    parsed
+}
+
 impl Default for GpuOptions {
-    /// Any adapter, no memory limit, no profile, no pipeline cache, bind groups reused, a submission every
-    /// [`DEFAULT_SUBMIT_EVERY`] commands.
+    /// Any adapter, no memory limit, no profile, no pipeline cache, bind groups reused, submissions as the
+    /// adapter suits ([`GpuOptions::submit_every`]).
     fn default() -> Self {
         GpuOptions {
             backend: None,
@@ -90,7 +102,7 @@ impl Default for GpuOptions {
             profile: false,
             pipeline_cache: None,
             fresh_bind_groups: false,
-            submit_every: DEFAULT_SUBMIT_EVERY,
+            submit_every: None,
         }
     }
 }
@@ -114,10 +126,7 @@ impl GpuOptions {
             profile,
             pipeline_cache: super::pipeline::pipeline_cache_dir_from_env(),
             fresh_bind_groups: !BindGroupCache::enabled_by_env(),
-            submit_every: std::env::var(SUBMIT_EVERY_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(DEFAULT_SUBMIT_EVERY),
+            submit_every: submit_every_from_env(),
         }
     }
 
@@ -157,6 +166,11 @@ pub struct AdapterSummary {
 }
 
 impl AdapterSummary {
+    /// A discrete or integrated GPU, not a CPU driver (lavapipe, SwiftShader) or an unknown device.
+    pub fn is_hardware_gpu(&self) -> bool {
+        matches!(self.device_type.as_str(), "DiscreteGpu" | "IntegratedGpu")
+    }
+
     fn of(adapter: &wgpu::Adapter) -> Self {
         let info = adapter.get_info();
         let l = adapter.limits();
@@ -275,10 +289,10 @@ pub(crate) struct Inner {
     unpacks_f16: bool,
     pending: Mutex<Vec<Command>>,
     /// [`GpuOptions::submit_every`].
-    submit_every: usize,
+    pub(crate) submit_every: usize,
     /// Times the host waited for the GPU (readbacks and [`Gpu::sync`]).
     waits: std::sync::atomic::AtomicU64,
-    /// Command buffers submitted so far (tests check that a training step is one).
+    /// Command buffers submitted so far.
     submissions: std::sync::atomic::AtomicU64,
     /// Dispatches recorded so far, and the host's nanoseconds spent recording and encoding commands
     /// ([`Gpu::host_stats`]).
@@ -501,6 +515,11 @@ impl Gpu {
         });
         let adapter = adapters.swap_remove(0);
         let summary = AdapterSummary::of(&adapter);
+        let submit_every = (options.submit_every).unwrap_or(if summary.is_hardware_gpu() {
+            DEFAULT_SUBMIT_EVERY
+        } else {
+            0
+        });
         let limits = adapter.limits();
         let info = adapter.get_info();
         let subgroups = adapter.features() & wgpu::Features::SUBGROUP;
@@ -598,7 +617,7 @@ impl Gpu {
                 subgroup_quads,
                 unpacks_f16,
                 pending: Mutex::new(Vec::new()),
-                submit_every: options.submit_every,
+                submit_every,
                 waits: Default::default(),
                 submissions: Default::default(),
                 dispatches: Default::default(),
@@ -650,7 +669,7 @@ impl Gpu {
     /// True on a discrete or integrated GPU, false on CPU drivers (lavapipe, SwiftShader, WARP) and unknown
     /// devices: kernels whose speed depends on real shared memory are chosen by it.
     pub fn is_hardware_gpu(&self) -> bool {
-        matches!(self.inner.summary.device_type.as_str(), "DiscreteGpu" | "IntegratedGpu")
+        self.inner.summary.is_hardware_gpu()
     }
 
     /// Largest buffer one kernel may bind, in bytes.
@@ -680,6 +699,12 @@ impl Gpu {
     /// [`GpuOptions::submit_every`] commands recorded.
     pub fn submissions(&self) -> u64 {
         self.inner.submissions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many recorded commands go to the GPU in one submission without a flush (0: only at a flush or
+    /// readback); see [`GpuOptions::submit_every`].
+    pub fn submit_every(&self) -> usize {
+        self.inner.submit_every
     }
 
     /// Times the host has waited for the GPU so far (every readback and [`Gpu::sync`]): a training step that

@@ -5,8 +5,8 @@
 //! Execution model: every op *records* its dispatches into one pending command list, submitted at a readback
 //! (`Tensor::to_vec`), an explicit [`Gpu::flush`], and every [`GpuOptions::submit_every`] commands (so the GPU
 //! starts on a forward's first kernels while the host records the rest). The host never waits inside a model
-//! forward or a training step: it waits only where it reads a result back. Host-to-GPU uploads are recorded too (as copies from a staging
-//! buffer), so a pooled buffer that is freed and reused while commands are pending is always written in
+//! forward or a training step: it waits only where it reads a result back. Host-to-GPU uploads are recorded
+//! too (as copies from a staging buffer), so a pooled buffer that is freed and reused while commands are pending is always written in
 //! program order. Each dispatch's parameters take a slot of one uniform buffer, bound at a dynamic offset, so
 //! its bind group depends only on its buffers and is made once (`bind.rs`): the second run of a model records
 //! no new bind group at all.
@@ -72,7 +72,7 @@ mod tests {
         Gpu::new(&GpuOptions {
             fresh_bind_groups,
             profile: false,
-            submit_every: 0,
+            submit_every: Some(0),
             ..GpuOptions::from_env()
         })
         .unwrap()
@@ -128,6 +128,64 @@ mod tests {
             assert_eq!(got, expected.map(|e| e as f32).to_vec(), "after {n} dispatches");
         }
         assert!(g.host_stats().bind_groups <= 3, "{}", g.host_stats().bind_groups);
+        // The buffer grows again while the submission before is still in flight (flushed, not waited for):
+        // that submission keeps reading the old buffer, the new one its own parameters.
+        for n in [70usize, 20_000] {
+            for i in 0..n {
+                let alpha = (i % 7) as f32 * 0.5 - 1.5;
+                axpy(&acc, alpha, &x).unwrap();
+                for (e, xv) in expected.iter_mut().zip([1.0f32, -2.0, 0.5]) {
+                    *e += (alpha * xv) as f64;
+                }
+            }
+            g.flush().unwrap();
+        }
+        assert_eq!(
+            acc.to_vec().unwrap(),
+            expected.map(|e| e as f32).to_vec(),
+            "after an in-flight growth"
+        );
+    }
+
+    /// Recorded commands go to the GPU every `submit_every` without a wait, in order (the sums come out as
+    /// one submission's would); 0 submits only at a flush; by default CPU drivers take 0 and GPUs 32.
+    #[test]
+    fn commands_are_submitted_every_submit_every() {
+        use crate::ops::elementwise::axpy;
+        for every in [0, 4] {
+            let g = Gpu::new(&GpuOptions {
+                submit_every: Some(every),
+                profile: false,
+                ..GpuOptions::from_env()
+            })
+            .unwrap();
+            let x = Tensor::from_slice(&g, &[1.0, -2.0, 0.5], &[3]).unwrap();
+            let acc = Tensor::zeros(&g, &[3]).unwrap();
+            g.sync().unwrap(); // the uploads
+            let (before, waits) = (g.submissions(), g.waits());
+            for i in 0..10 {
+                axpy(&acc, i as f32, &x).unwrap();
+            }
+            let automatic = g.submissions() - before;
+            assert_eq!(
+                automatic,
+                if every == 0 { 0 } else { 10 / every as u64 },
+                "every {every}"
+            );
+            assert_eq!(acc.to_vec().unwrap(), vec![45.0, -90.0, 22.5], "every {every}");
+            assert_eq!(g.waits() - waits, 1, "every {every}: only the readback waits");
+        }
+        let default = Gpu::new(&GpuOptions {
+            submit_every: None,
+            ..GpuOptions::from_env()
+        })
+        .unwrap();
+        let want = if default.is_hardware_gpu() {
+            DEFAULT_SUBMIT_EVERY
+        } else {
+            0
+        };
+        assert_eq!(default.inner.submit_every, want);
     }
 
     /// The profile counts every kernel call and copy under its shader and entry point, and forgets them on reset;

@@ -13,8 +13,9 @@
 //! ([`fused_kernel_for`]): one kernel with an online softmax and no score buffer, so its memory does not grow
 //! with T^2. Where subgroups have 8 invocations (lavapipe) the subgroup kernel, 1.9-5x faster than the unfused
 //! path there at T = 49..499 (benches/RESULTS.md, "lavapipe attention, session 3"); on GPUs with subgroups of
-//! 4 or more the quad kernel (not yet timed on one). `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps the unfused path
-//! (for comparisons).
+//! 4 or more the quad kernel for sequences of up to [`QUAD_LONGEST_T`] frames (1.2-1.4x the unfused path on
+//! an H100 at T = 49, slower from T = 72 on), the unfused path beyond. `WGPU_MLKD_NO_FUSED_ATTENTION=1` keeps
+//! the unfused path (for comparisons).
 //!
 //! Training: [`self_attention_train`] also returns an [`AttentionSaved`] for [`self_attention_backward`].
 //! With `P = softmax(S)` and `P' = dropout(P)` per head:
@@ -1088,7 +1089,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, calls_per_submission, check_grad_fd, random_vec, Tol};
+    use crate::ops::testing::{assert_close, calls_per_timing, check_grad_fd, random_vec, Tol};
 
     struct Case {
         q: Vec<f32>,
@@ -1219,6 +1220,43 @@ mod tests {
         let odd = Tensor::zeros(gpu, &[1, 4, 10]).unwrap();
         let e = self_attention_packed(&odd, 2, None).unwrap_err();
         assert!(format!("{e:#}").contains("[B, T, 3 D]"), "{e:#}");
+    }
+
+    /// Packed q, k, v at head dim 64 on either side of `QUAD_LONGEST_T`: where the length takes a fused kernel
+    /// that reads them packed (the quad kernel on GPUs), the result is the unfused one's to the kernels'
+    /// tolerance; elsewhere (longer sequences on GPUs; lavapipe, whose subgroup kernel reads separate tensors)
+    /// it is the unfused path, bit for bit.
+    #[test]
+    fn packed_attention_takes_the_kernel_its_length_calls_for() {
+        let gpu = test_gpu();
+        let (b, d, heads) = (1, 128, 2);
+        for t in [QUAD_LONGEST_T, QUAD_LONGEST_T + 1] {
+            let c = case(900 + t as u64, b, t, d);
+            let packed: Vec<f32> = (0..b * t)
+                .flat_map(|row| [&c.q, &c.k, &c.v].map(|x| &x[row * d..(row + 1) * d]).concat())
+                .collect();
+            let qkv = Tensor::from_slice(gpu, &packed, &[b, t, 3 * d]).unwrap();
+            let got = self_attention_packed(&qkv, heads, None).unwrap().to_vec().unwrap();
+            let unfused = self_attention(&c.tq, &c.tk, &c.tv, heads, None)
+                .unwrap()
+                .to_vec()
+                .unwrap();
+            let kernel = inference_kernel(gpu, d, heads, t).filter(|&k| reads_packed(k));
+            eprintln!("T = {t}: {kernel:?}");
+            if kernel.is_some() {
+                let want: Vec<f64> = unfused.iter().map(|&v| v as f64).collect();
+                assert_close(&format!("packed, fused, T = {t}"), &got, &want, Tol::KERNEL);
+            } else {
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert!(
+                    bits(&got) == bits(&unfused),
+                    "T = {t}: the packed unfused path changed the result"
+                );
+            }
+            if t > QUAD_LONGEST_T && forced_fused_kernel().is_none() {
+                assert_ne!(kernel, Some(FusedKernel::Quad), "T = {t}");
+            }
+        }
     }
 
     #[test]
@@ -1400,7 +1438,7 @@ mod tests {
             let (b, d, heads) = (1, 768, 12);
             let c = case(600 + t as u64, b, t, d);
             let flop = 4.0 * (b * heads * t * t * (d / heads)) as f64;
-            let reps = calls_per_submission(flop);
+            let reps = calls_per_timing(flop);
             // None: unfused; then each fused kernel.
             let run = |kernel: Option<FusedKernel>| {
                 let start = std::time::Instant::now();
@@ -1444,7 +1482,7 @@ mod tests {
                 })
                 .collect();
             eprintln!(
-                "attention B={b} T={t} D={d} heads={heads} ({reps} per submission): {}",
+                "attention B={b} T={t} D={d} heads={heads} ({reps} per timing): {}",
                 line.join(", ")
             );
         }

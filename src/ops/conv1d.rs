@@ -1558,7 +1558,7 @@ mod tests {
 mod timing {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{calls_per_submission, random_vec};
+    use crate::ops::testing::{calls_per_timing, random_vec};
 
     /// User + system CPU time of this process (lavapipe's threads included), from /proc/self/stat.
     fn cpu_seconds() -> f64 {
@@ -1686,7 +1686,7 @@ mod timing {
                     .filter(|&k| vec4_in || !matches!((k, part), (ConvKernel::Subgroup, "forward")))
                     .filter(|&k| vec4_in || !(k == ConvKernel::Matmul && part != "forward"))
                     .collect();
-                let reps = calls_per_submission(flop * 1e9); // `flop` counts GFLOP here
+                let reps = calls_per_timing(flop * 1e9); // `flop` counts GFLOP here
                 let time = |kern| {
                     let start = std::time::Instant::now();
                     for _ in 0..reps {

@@ -1430,7 +1430,7 @@ pub mod reference {
 mod tests {
     use super::*;
     use crate::gpu::test_gpu;
-    use crate::ops::testing::{assert_close, calls_per_submission, check_grad_fd, random_vec, Tol};
+    use crate::ops::testing::{assert_close, calls_per_timing, check_grad_fd, random_vec, Tol};
 
     /// Every subgroup workgroup shape the tests compare with the other kernels.
     const SG_TILES: [SgTile; 3] = [SgTile::WIDE, SgTile::TALL, SgTile::ONE];
@@ -2819,7 +2819,7 @@ mod tests {
             let picked = choose_kernel_for(gpu, av, bv, dims);
             let picked = (picked, split_k_for(gpu, dims));
             let flop = 2.0 * (batch * m * n * k) as f64;
-            let reps = calls_per_submission(flop);
+            let reps = calls_per_timing(flop);
             let run = |(kern, split): (Kernel, usize)| {
                 for _ in 0..reps {
                     let views = (cv, av, bv);
@@ -2851,7 +2851,7 @@ mod tests {
                     format!("{kern:?}{split} {:.2} GFLOP/s ({:.2}x)", flop / t / 1e9, best[0] / t)
                 })
                 .collect();
-            eprintln!("{name} (picked {picked:?}, {reps} per submission): {}", line.join(", "));
+            eprintln!("{name} (picked {picked:?}, {reps} per timing): {}", line.join(", "));
             // The linear layers again with the weight in f16 (the kernel linear_half picks), against the
             // f32 kernel picked above.
             if name.starts_with("linear") && gpu.unpacks_f16() {

@@ -123,10 +123,10 @@ pub fn dot_f64(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-/// How many times a bench records a call of `flop` floating-point operations per submission, so that one
-/// submission's latency does not count as kernel time (calls inside a model forward share one): enough for
-/// `BENCH_MIN_GFLOP` (default 0.2; a fast GPU needs a few to ~20) per timing, at least one.
-pub fn calls_per_submission(flop: f64) -> usize {
+/// How many times a bench records a call of `flop` floating-point operations between two waits for the GPU, so
+/// that one submission's latency does not count as kernel time (calls inside a model forward share it): enough
+/// for `BENCH_MIN_GFLOP` (default 0.2; a fast GPU needs a few to ~20) per timing, at least one.
+pub fn calls_per_timing(flop: f64) -> usize {
     let min_gflop =
         std::env::var("BENCH_MIN_GFLOP").map_or(0.2, |r| r.parse::<f64>().expect("BENCH_MIN_GFLOP: a number"));
     (min_gflop * 1e9 / flop).ceil().max(1.0) as usize

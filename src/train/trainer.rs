@@ -2,8 +2,8 @@
 //!
 //! A step draws a batch ([`BatchSampler`]), runs the student forward on the noisy crops with dropout, the
 //! multi-level loss against the clean cached targets, the backward through the tape and one AdamW update,
-//! all recorded into one GPU submission; the only readback is the step's logged scalars (the loss, its
-//! per-head terms and the gradient norm), which also flushes the submission.
+//! all recorded without a wait for the GPU; the only readback is the step's logged scalars (the loss, its
+//! per-head terms and the gradient norm), which also flushes what is still pending.
 //!
 //! Everything random is a function of `(seed, step)` (dropout: the tape's Philox seed) or of the sampler's
 //! `(seed, epoch, position)`, so a run resumed from a checkpoint continues with exactly the numbers an
