@@ -22,75 +22,16 @@
 //   matmul_tiled_nt4_forward, matmul_tiled_nn4_forward: the nt4 and nn4 layouts with 64 x 64 tiles staged in
 //                       workgroup memory (further down), for GPUs where that beats the caches;
 //   matmul_tiled8_nt4_forward, matmul_tiled8_nn4_forward: the same with 128 x 128 tiles, for large products.
-// Every kernel also exists with B (a weight) stored as f16: see the "B loads" block below.
+// Every kernel also exists with B (a weight) stored as f16: see the "B loads" block of matmul_common.wgsl.
 // Grids are 1-D over (batch, row tile, column tile), folded into 2-D when larger than 65535 workgroups: the
 // linear workgroup id is wg.x + wg.y * num_wg.x.
 
 const TILE: u32 = 32u; // rows (and columns) of C per workgroup
-const FLAG_BIAS: u32 = 1u;
-const FLAG_GELU: u32 = 2u;
-const FLAG_ACCUMULATE: u32 = 4u; // add the result to what C holds (attention backward sums over row chunks)
 
-struct MatParams {
-    batch: u32,
-    m: u32,
-    n: u32,
-    k: u32,
-    a_off: u32,
-    a_bs: u32,
-    a_rs: u32,
-    a_cs: u32,
-    b_off: u32,
-    b_bs: u32,
-    b_rs: u32,
-    b_cs: u32,
-    c_off: u32,
-    c_bs: u32,
-    c_rs: u32,
-    c_cs: u32,
-    tiles_m: u32,
-    tiles_n: u32,
-    alpha: f32,
-    flags: u32, // FLAG_BIAS | FLAG_GELU | FLAG_ACCUMULATE
-    bias_bs: u32, // bias elements between batch items (0: one bias for all)
-    // Split-K's slices as an outer batch (src/ops/matmul.rs, `launch_split_k`): batch item bt is item
-    // bt % items of k slice bt / items, whose A, B and C start a_ks, b_ks, c_ks elements after slice 0's.
-    // One slice (items = batch, strides 0) for every other product.
-    items: u32,
-    a_ks: u32,
-    b_ks: u32,
-    c_ks: u32,
-}
-
-@group(0) @binding(0) var<uniform> mp: MatParams;
-
-// Where batch item bt's A, B and C start (see `items` above).
-fn a_at(bt: u32) -> u32 {
-    return mp.a_off + (bt / mp.items) * mp.a_ks + (bt % mp.items) * mp.a_bs;
-}
-fn b_at(bt: u32) -> u32 {
-    return mp.b_off + (bt / mp.items) * mp.b_ks + (bt % mp.items) * mp.b_bs;
-}
-// (where its C starts, where its bias starts), computed once per block: the epilogue's stores add rows and
-// columns to these.
-fn item_out(bt: u32) -> vec2<u32> {
-    return vec2<u32>(mp.c_off + (bt / mp.items) * mp.c_ks + (bt % mp.items) * mp.c_bs, (bt % mp.items) * mp.bias_bs);
-}
-@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[(b % items) * bias_bs + j], or a dummy when !FLAG_BIAS
-@group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
-// Scalar views of A and B (general path; A of the nn4 path).
-@group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view
+// FLAG_*, MatParams (`mp`), a_at, b_at, item_out, the A, bias and C bindings, the B loads block and the
+// epilogue (store_row): shaders/matmul_common.wgsl, appended.
+// Scalar view of B (the general path; A's scalar view mm_a is shared).
 @group(0) @binding(2) var<storage, read> mm_b: array<f32>;          // B view
-// vec4 views of the same buffers (fast paths); indices are element indices / 4.
-@group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
-// -- B loads: the f16-weight variant of this module swaps this block for shaders/matmul_f16_weights.wgsl
-// (`f16_weight_module` in src/ops/matmul.rs), so every kernel here also runs with B stored as f16.
-@group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt4) or n (nn4)
-
-fn load_b4(q: u32) -> vec4<f32> {
-    return mm_b4[q];
-}
-// -- end of B loads
 
 // erfc_approx and gelu_exact: shaders/common.wgsl.
 
@@ -105,31 +46,6 @@ fn block_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
     let i0 = (r / mp.tiles_n) * TILE + (li / 8u) * 4u;
     let j0 = (r % mp.tiles_n) * TILE + (li % 8u) * 4u;
     return vec3<u32>(bt, i0, j0);
-}
-
-// The epilogue for one row of the block: scale, bias, previous C, activation, store inside the matrix only.
-fn store_row(out: vec2<u32>, i: u32, j0: u32, acc: vec4<f32>) {
-    if (i >= mp.m) {
-        return;
-    }
-    let base = out.x + i * mp.c_rs;
-    for (var c = 0u; c < 4u; c++) {
-        let j = j0 + c;
-        if (j < mp.n) {
-            var v = mp.alpha * acc[c];
-            if ((mp.flags & FLAG_BIAS) != 0u) {
-                v = v + mm_bias[out.y + j];
-            }
-            let idx = base + j * mp.c_cs;
-            if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
-                v = v + mm_c[idx];
-            }
-            if ((mp.flags & FLAG_GELU) != 0u) {
-                v = gelu_exact(v);
-            }
-            mm_c[idx] = v;
-        }
-    }
 }
 
 // Four k steps of one row: acc[c] += x[q] * yt[q][c] for q = 0..3, fused multiply-adds in k order.

@@ -15,93 +15,10 @@
 // workgroups that run together read the same B columns while they are in cache.
 // Nothing returns early and every load index is clamped: the broadcasts need all 8 lanes.
 
-const FLAG_BIAS: u32 = 1u;
-const FLAG_GELU: u32 = 2u;
-const FLAG_ACCUMULATE: u32 = 4u;
 override SG_WR: u32 = 1u;   // subgroups per workgroup down the rows of C
 override SG_WC: u32 = 8u;   // subgroups per workgroup across the columns of C
-
-struct MatParams {
-    batch: u32,
-    m: u32,
-    n: u32,
-    k: u32,
-    a_off: u32,
-    a_bs: u32,
-    a_rs: u32,
-    a_cs: u32,
-    b_off: u32,
-    b_bs: u32,
-    b_rs: u32,
-    b_cs: u32,
-    c_off: u32,
-    c_bs: u32,
-    c_rs: u32,
-    c_cs: u32,
-    tiles_m: u32,
-    tiles_n: u32,
-    alpha: f32,
-    flags: u32,
-    bias_bs: u32, // bias elements between batch items (0: one bias for all)
-    // Split-K's slices as an outer batch (src/ops/matmul.rs, `launch_split_k`): batch item bt is item
-    // bt % items of k slice bt / items, whose A, B and C start a_ks, b_ks, c_ks elements after slice 0's.
-    // One slice (items = batch, strides 0) for every other product.
-    items: u32,
-    a_ks: u32,
-    b_ks: u32,
-    c_ks: u32,
-}
-
-@group(0) @binding(0) var<uniform> mp: MatParams;
-
-// Where batch item bt's A, B and C start (see `items` above).
-fn a_at(bt: u32) -> u32 {
-    return mp.a_off + (bt / mp.items) * mp.a_ks + (bt % mp.items) * mp.a_bs;
-}
-fn b_at(bt: u32) -> u32 {
-    return mp.b_off + (bt / mp.items) * mp.b_ks + (bt % mp.items) * mp.b_bs;
-}
-// (where its C starts, where its bias starts), computed once per block: the epilogue's stores add rows and
-// columns to these.
-fn item_out(bt: u32) -> vec2<u32> {
-    return vec2<u32>(mp.c_off + (bt / mp.items) * mp.c_ks + (bt % mp.items) * mp.c_bs, (bt % mp.items) * mp.bias_bs);
-}
-@group(0) @binding(3) var<storage, read> mm_bias: array<f32>;       // bias[(b % items) * bias_bs + j], or a dummy when !FLAG_BIAS
-@group(0) @binding(4) var<storage, read_write> mm_c: array<f32>;    // C view
-@group(0) @binding(1) var<storage, read> mm_a: array<f32>;          // A view (scalar)
-@group(0) @binding(1) var<storage, read> mm_a4: array<vec4<f32>>;   // A view, contiguous along k
-// -- B loads: the f16-weight variant of this module swaps this block for shaders/matmul_f16_weights.wgsl
-// (`f16_weight_module` in src/ops/matmul.rs), so every kernel here also runs with B stored as f16.
-@group(0) @binding(2) var<storage, read> mm_b4: array<vec4<f32>>;   // B view, contiguous along k (nt) or n (nn)
-
-fn load_b4(q: u32) -> vec4<f32> {
-    return mm_b4[q];
-}
-// -- end of B loads
-
-fn store_row(out: vec2<u32>, i: u32, j0: u32, acc: vec4<f32>) {
-    if (i >= mp.m) {
-        return;
-    }
-    let base = out.x + i * mp.c_rs;
-    for (var c = 0u; c < 4u; c++) {
-        let j = j0 + c;
-        if (j < mp.n) {
-            var v = mp.alpha * acc[c];
-            if ((mp.flags & FLAG_BIAS) != 0u) {
-                v = v + mm_bias[out.y + j];
-            }
-            let idx = base + j * mp.c_cs;
-            if ((mp.flags & FLAG_ACCUMULATE) != 0u) {
-                v = v + mm_c[idx];
-            }
-            if ((mp.flags & FLAG_GELU) != 0u) {
-                v = gelu_exact(v);
-            }
-            mm_c[idx] = v;
-        }
-    }
-}
+// FLAG_*, MatParams (`mp`), a_at, b_at, item_out, the bindings, the B loads block and the epilogue
+// (store_row): shaders/matmul_common.wgsl, appended.
 
 fn fma4(acc: vec4<f32>, x: vec4<f32>, yt: mat4x4<f32>) -> vec4<f32> {
     return fma(vec4<f32>(x.w), yt[3], fma(vec4<f32>(x.z), yt[2], fma(vec4<f32>(x.y), yt[1],
@@ -120,6 +37,23 @@ fn sg_origin(wg: vec3<u32>, nwg: vec3<u32>, li: u32) -> vec3<u32> {
     let col = (r / mp.tiles_m) * (32u * SG_WC) + (s % SG_WC) * 32u + (li % 8u) * 4u;
     return vec3<u32>(bt, row, col);
 }
+// The epilogue for a lane's 8 rows o.y.. at columns o.z.. (nothing past the grid's last batch item).
+fn store_rows8(o: vec3<u32>, acc0: vec4<f32>, acc1: vec4<f32>, acc2: vec4<f32>, acc3: vec4<f32>,
+               acc4: vec4<f32>, acc5: vec4<f32>, acc6: vec4<f32>, acc7: vec4<f32>) {
+    if (o.x >= mp.batch) {
+        return;
+    }
+    let out = item_out(o.x);
+    store_row(out, o.y + 0u, o.z, acc0);
+    store_row(out, o.y + 1u, o.z, acc1);
+    store_row(out, o.y + 2u, o.z, acc2);
+    store_row(out, o.y + 3u, o.z, acc3);
+    store_row(out, o.y + 4u, o.z, acc4);
+    store_row(out, o.y + 5u, o.z, acc5);
+    store_row(out, o.y + 6u, o.z, acc6);
+    store_row(out, o.y + 7u, o.z, acc7);
+}
+
 // A and B contiguous along k (x W^T with W [n, k]; Q K^T); needs k % 4 == 0 and 16-byte alignment.
 @compute @workgroup_size(SG_WR * SG_WC * 8u)
 fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -155,17 +89,7 @@ fn matmul_sg_nt4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
         acc6 = fma4(acc6, subgroupBroadcast(xa, 6u), yt);
         acc7 = fma4(acc7, subgroupBroadcast(xa, 7u), yt);
     }
-    if (o.x < mp.batch) {
-        let out = item_out(o.x);
-        store_row(out, o.y + 0u, o.z, acc0);
-        store_row(out, o.y + 1u, o.z, acc1);
-        store_row(out, o.y + 2u, o.z, acc2);
-        store_row(out, o.y + 3u, o.z, acc3);
-        store_row(out, o.y + 4u, o.z, acc4);
-        store_row(out, o.y + 5u, o.z, acc5);
-        store_row(out, o.y + 6u, o.z, acc6);
-        store_row(out, o.y + 7u, o.z, acc7);
-    }
+    store_rows8(o, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
 }
 
 // B contiguous along n (row-major [k, n]); needs n % 4 == 0 and 16-byte alignment. A is read with scalar
@@ -200,15 +124,5 @@ fn matmul_sg_nn4_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_work
         acc6 = fma(vec4<f32>(subgroupBroadcast(xa, 6u)), y, acc6);
         acc7 = fma(vec4<f32>(subgroupBroadcast(xa, 7u)), y, acc7);
     }
-    if (o.x < mp.batch) {
-        let out = item_out(o.x);
-        store_row(out, o.y + 0u, o.z, acc0);
-        store_row(out, o.y + 1u, o.z, acc1);
-        store_row(out, o.y + 2u, o.z, acc2);
-        store_row(out, o.y + 3u, o.z, acc3);
-        store_row(out, o.y + 4u, o.z, acc4);
-        store_row(out, o.y + 5u, o.z, acc5);
-        store_row(out, o.y + 6u, o.z, acc6);
-        store_row(out, o.y + 7u, o.z, acc7);
-    }
+    store_rows8(o, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7);
 }

@@ -13,17 +13,23 @@ fn every_shader_parses_and_validates() {
         .collect();
     files.sort();
     assert!(!files.is_empty(), "no shaders found in {}", dir.display());
-    // Every shader is compiled with shaders/common.wgsl appended (see the `shader!` macro).
+    // Every shader is compiled with its parts and shaders/common.wgsl appended (see the `shader!` macro).
     let common = std::fs::read_to_string(dir.join("common.wgsl")).unwrap();
     let mut failures = Vec::new();
     for path in &files {
         if path.ends_with("matmul_f16_weights.wgsl") {
             continue; // a block of the f16-weight modules, validated inside them below
         }
-        let mut src = std::fs::read_to_string(path).unwrap();
-        if !path.ends_with("common.wgsl") {
-            src += &common;
-        }
+        let text = std::fs::read_to_string(path).unwrap();
+        let src = if path.ends_with("common.wgsl") {
+            text
+        } else {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            match wgpu_mlkd::gpu::compose_shader_file(name, &text, &common) {
+                Some(src) => src,
+                None => continue, // a part (shaders/matmul_common.wgsl), validated inside its modules
+            }
+        };
         let shown = path
             .strip_prefix(env!("CARGO_MANIFEST_DIR"))
             .unwrap_or(path)

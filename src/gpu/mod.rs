@@ -22,7 +22,7 @@ pub use context::{
     AdapterSummary, BackendChoice, Gpu, GpuOptions, HostStats, KernelProfile, DEFAULT_SUBMIT_EVERY, PROFILE_ENV,
     SUBMIT_EVERY_ENV,
 };
-pub use pipeline::Shader;
+pub use pipeline::{compose_shader_file, Shader, SHADER_PARTS};
 pub use pool::{parse_size, MEMORY_LIMIT_ENV};
 pub use tensor::{DType, Tensor};
 

@@ -17,17 +17,41 @@ pub struct Shader {
 
 /// `shader!("gelu")` embeds `shaders/gelu.wgsl` followed by `shaders/common.wgsl`, the functions shared by
 /// several kernels (WGSL has no includes; appended, so the file's own line numbers hold in error messages).
+/// `shader!("matmul", "matmul_common")` appends `shaders/matmul_common.wgsl` before `common.wgsl`: a part
+/// that several modules of one op share. (`tests/shaders_validate.rs` and the pipeline tests compose the files
+/// the same way: `SHADER_PARTS` lists the parts.)
 #[macro_export]
 macro_rules! shader {
-    ($name:literal) => {
+    ($name:literal $(, $part:literal)*) => {
         $crate::gpu::Shader {
             name: $name,
             source: concat!(
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $name, ".wgsl")),
+                $(include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $part, ".wgsl")),)*
                 include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/common.wgsl"))
             ),
         }
     };
+}
+
+/// The shader files that are parts of other modules rather than modules of their own, and the modules that
+/// append them (see [`shader!`]), for the tests that validate every file as the engine compiles it.
+pub const SHADER_PARTS: &[(&str, &[&str])] = &[("matmul_common.wgsl", &["matmul.wgsl", "matmul_sg.wgsl"])];
+
+/// The source of shader file `file` (a name in `shaders/`, whose text is `text`) as [`shader!`] compiles it:
+/// with its parts and `common_text` appended; `None` for a part itself (validated inside its modules).
+pub fn compose_shader_file(file: &str, text: &str, common_text: &str) -> Option<String> {
+    if SHADER_PARTS.iter().any(|(part, _)| *part == file) {
+        return None;
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut source = text.to_string();
+    for (part, modules) in SHADER_PARTS {
+        if modules.contains(&file) {
+            source += &std::fs::read_to_string(dir.join(part)).expect("a shader part beside its module");
+        }
+    }
+    Some(source + common_text)
 }
 
 /// Bytes of the parameter block every dispatch binds at binding 0 (a window of the shared parameter buffer,
@@ -497,7 +521,11 @@ mod tests {
             if path.extension().is_none_or(|e| e != "wgsl") || path.ends_with("common.wgsl") {
                 continue;
             }
-            let source = std::fs::read_to_string(&path).unwrap() + &common;
+            let name = path.file_name().unwrap().to_str().unwrap();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let Some(source) = compose_shader_file(name, &text, &common) else {
+                continue; // a part: its modules' entry points cover it
+            };
             let module = naga::front::wgsl::parse_str(&source).unwrap();
             for e in &module.entry_points {
                 bindings_of(&source, &e.name).unwrap_or_else(|err| panic!("{}::{}: {err:#}", path.display(), e.name));

@@ -20,11 +20,11 @@ use anyhow::{bail, Result};
 
 use crate::gpu::{DType, Shader, Tensor};
 
-static SHADER: Shader = crate::shader!("matmul");
+static SHADER: Shader = crate::shader!("matmul", "matmul_common");
 /// Split-K's second pass ([`split_k_for`]).
 static SPLIT_K_SHADER: Shader = crate::shader!("matmul_split_k");
 /// Kernels that need subgroups of exactly 8 invocations; compiled only on such adapters.
-static SG_SHADER: Shader = crate::shader!("matmul_sg");
+static SG_SHADER: Shader = crate::shader!("matmul_sg", "matmul_common");
 /// The two modules above with B stored as f16 ([`HalfWeight`]; [`f16_weight_module`]). They need
 /// [`crate::gpu::Gpu::unpacks_f16`].
 static F16B_SHADER: LazyLock<Shader> = LazyLock::new(|| Shader {
@@ -39,9 +39,9 @@ static SG_F16B_SHADER: LazyLock<Shader> = LazyLock::new(|| Shader {
 /// The f16 B loads that replace a matmul module's "B loads" block.
 const F16_WEIGHT_LOADS: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/matmul_f16_weights.wgsl"));
 
-/// A matmul module (`shaders/matmul.wgsl` or `matmul_sg.wgsl`) with its "B loads" block, the only place that
-/// reads B, replaced by `shaders/matmul_f16_weights.wgsl`: every kernel of the module then reads B as packed
-/// f16 pairs, with the same loop and the same f32 sums. One kernel source serves both precisions.
+/// A matmul module (`shaders/matmul.wgsl` or `matmul_sg.wgsl`, each with `matmul_common.wgsl` appended) with
+/// its "B loads" block (in `matmul_common.wgsl`), the only place that reads B, replaced by
+/// `shaders/matmul_f16_weights.wgsl`: every kernel of the module then reads B as packed f16 pairs, with the same loop and the same f32 sums. One kernel source serves both precisions.
 pub fn f16_weight_module(source: &str) -> String {
     const START: &str = "// -- B loads:";
     const END: &str = "// -- end of B loads";
